@@ -1,0 +1,1078 @@
+"""Versioned schema migrations for the SQLite instances named in instances.ini.
+
+usage: python database_migration.py [--config PATH] [--json] [-q] [-y] COMMAND ...
+
+Every change is backed up first, applied in one transaction, and checked before
+it commits; see DATABASE_MIGRATION_README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, CommandError,
+                            Instance, audited, backup_with_retention, common_options, confirm,
+                            connect, emit, find_config, get_instance, human_size, instance_lock,
+                            integrity_problems, load_instances, locked_backup, open_path,
+                            open_readonly, read_history, require_database, run, select_instances,
+                            backup_as_json, format_backup, newest_backup_time)
+
+# --- Constants ---------------------------------------------------------------
+
+PROG = "database_migration.py"
+
+MIGRATION_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<kind>sql|py)")
+MARKER = re.compile(r"^\s*--\s*migrate:(?P<part>up|down)\b.*$", re.IGNORECASE)
+TRANSACTION_CONTROL = re.compile(r"^(BEGIN|COMMIT|END|VACUUM|ROLLBACK(?!\s+(TRANSACTION\s+)?TO\b))\b")
+DESTRUCTIVE = (
+    ("DROP TABLE", re.compile(r"^DROP\s+TABLE\b")),
+    ("DROP COLUMN", re.compile(r"^ALTER\s+TABLE\b.*\bDROP\b")),
+    ("DELETE", re.compile(r"^(WITH\b.*\b)?DELETE\b")),
+)
+UPDATE = re.compile(r"^(WITH\b.*\b)?UPDATE\b")
+SQLITE_TRANSACTION = 22             # the authorizer's action code for BEGIN/COMMIT/ROLLBACK
+
+TRACKING_TABLE = """
+    CREATE TABLE schema_migrations (
+        version      INTEGER PRIMARY KEY,
+        description  TEXT NOT NULL,
+        applied_at   DATETIME DEFAULT CURRENT_TIMESTAMP,
+        checksum     TEXT,
+        execution_ms INTEGER
+    )
+"""
+RECORD_APPLIED = """
+    INSERT INTO schema_migrations (version, description, checksum, execution_ms)
+    VALUES (?, ?, ?, ?)
+"""
+FORGET_APPLIED = "DELETE FROM schema_migrations WHERE version = ?"
+FILL_CHECKSUM = "UPDATE schema_migrations SET checksum = ? WHERE version = ? AND checksum IS NULL"
+USER_TABLES = """
+    SELECT name FROM sqlite_master
+    WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
+    ORDER BY name
+"""
+SCHEMA_OBJECTS = """
+    SELECT type, name, tbl_name, sql FROM sqlite_master
+    WHERE name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
+    ORDER BY type, name
+"""
+
+# Migrations written in code, in the format of the in-house system this replaces.
+# They merge with the files in migrations_dir into one list ordered by version.
+MIGRATIONS: list[dict] = [
+    # {
+    #     'version': 4,
+    #     'description': 'Add loan status',
+    #     'sql': [
+    #         "ALTER TABLE loan ADD COLUMN status VARCHAR(20) DEFAULT 'open'",
+    #     ],
+    #     'down': [
+    #         "ALTER TABLE loan DROP COLUMN status",
+    #     ],
+    # },
+]
+
+
+# --- Records -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    up: tuple[str, ...]             # statements, already split, without the trailing ';'
+    down: tuple[str, ...] = ()      # empty: cannot be rolled back (unless a Python down)
+    source: str = "MIGRATIONS"      # or the file's path, for messages
+    python: str = ""                # the text of a .py migration
+    declared_destructive: bool = False
+
+    @property
+    def checksum(self) -> str:
+        if self.python:
+            text = self.python.replace("\r\n", "\n")
+        else:
+            text = "\n".join(normalise(statement) for statement in self.up)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @property
+    def has_down(self) -> bool:
+        return bool(self.down) or (bool(self.python) and "down" in python_functions(self))
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d} {self.description}"
+
+
+@dataclass(frozen=True)
+class Applied:
+    version: int
+    description: str
+    applied_at: str | None
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class State:
+    """What an instance holds compared with the migration list."""
+    instance: Instance
+    exists: bool
+    current_version: int | None
+    latest_version: int
+    applied: tuple[Applied, ...] = ()
+    pending: tuple[Migration, ...] = ()
+    modified: tuple[int, ...] = ()      # applied, but the migration's checksum changed
+    unknown: tuple[int, ...] = ()       # in the database, not in the migration list
+    drift: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    error: str = ""
+
+    @property
+    def state(self) -> str:
+        for word, present in (("error", self.error), ("missing", not self.exists),
+                              ("ahead", self.unknown), ("modified", self.modified),
+                              ("drift", self.drift), ("pending", self.pending)):
+            if present:
+                return word
+        return "up to date"
+
+
+@dataclass(frozen=True)
+class Plan:
+    instance: Instance
+    from_version: int
+    to_version: int
+    migrations: tuple[Migration, ...]
+    destructive: tuple[tuple[int, str, str], ...]   # (version, kind, statement)
+    create: bool = False
+    direction: str = "up"
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    ok: bool
+    error: str
+    seconds: float
+    tables_added: tuple[str, ...] = ()
+    tables_removed: tuple[str, ...] = ()
+    columns_added: tuple[str, ...] = ()
+    columns_removed: tuple[str, ...] = ()
+    row_changes: tuple[tuple[str, int, int], ...] = ()     # (table, before, after)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan
+    applied: tuple[int, ...]
+    backup: Backup | None
+    seconds: float
+    dry_run: bool = False
+    rehearsal: Rehearsal | None = None
+
+
+# --- Loading migrations ------------------------------------------------------
+
+def normalise(statement: str) -> str:
+    return statement.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def split_statements(script: str) -> list[str]:
+    """Cut SQL into statements; trigger bodies and quoted ';' survive."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    statements.append(pending[:-1])          # text after the last ';'
+    cleaned = [normalise(s)[:-1] if normalise(s).endswith(";") else normalise(s) for s in statements]
+    return [s.strip() for s in cleaned if bare_sql(s)]
+
+
+def bare_sql(statement: str) -> str:
+    """The statement without comments and string literals, upper-cased, for classifying."""
+    text = re.sub(r"'(?:[^']|'')*'", "''", statement)
+    text = re.sub(r"--[^\n]*|/\*.*?(\*/|$)", " ", text, flags=re.DOTALL)
+    return " ".join(text.split()).upper()
+
+
+def destructive_kind(statement: str) -> str:
+    sql = bare_sql(statement)
+    for kind, pattern in DESTRUCTIVE:
+        if pattern.match(sql):
+            return kind
+    if UPDATE.match(sql):
+        top_level = sql
+        while True:     # drop parenthesised parts: only a top-level WHERE limits an UPDATE
+            shorter = re.sub(r"\([^()]*\)", " ", top_level)
+            if shorter == top_level:
+                break
+            top_level = shorter
+        if not re.search(r"\bWHERE\b", top_level):
+            return "UPDATE without WHERE"
+    return ""
+
+
+def build_migration(version, description, up, down, source: str, **extra) -> Migration:
+    where = f"{source}: migration {version}"
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CommandError(f"{source}: version {version!r} is not a positive integer", EXIT_USAGE)
+    if not isinstance(description, str) or not description.strip():
+        raise CommandError(f"{where}: needs a description", EXIT_USAGE)
+    up_statements = statements_of(up, where, "up")
+    if not up_statements and not extra.get("python"):
+        raise CommandError(f"{where}: the up part is empty; write its SQL", EXIT_USAGE)
+    return Migration(version=version, description=description.strip(), up=up_statements,
+                     down=statements_of(down, where, "down"), source=source, **extra)
+
+
+def statements_of(parts, where: str, part: str) -> tuple[str, ...]:
+    if parts is None:
+        return ()
+    if isinstance(parts, str):
+        parts = [parts]
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, str) for p in parts):
+        raise CommandError(f"{where}: the {part} part must be a list of SQL strings", EXIT_USAGE)
+    statements = tuple(s for p in parts for s in split_statements(p))
+    for statement in statements:
+        if TRANSACTION_CONTROL.match(bare_sql(statement)):
+            raise CommandError(f"{where}: '{statement[:40]}' controls the transaction; the tool runs "
+                               f"each migration run in one transaction of its own; remove it",
+                               EXIT_USAGE)
+    return statements
+
+
+def migrations_from_code(entries: list[dict]) -> list[Migration]:
+    migrations = []
+    for index, entry in enumerate(entries):
+        source = f"MIGRATIONS[{index}] in {Path(__file__).name}"
+        if not isinstance(entry, dict) or set(entry) - {"version", "description", "sql", "down"}:
+            raise CommandError(f"{source}: expected a dict with version, description, sql "
+                               f"and optionally down", EXIT_USAGE)
+        migrations.append(build_migration(entry.get("version"), entry.get("description"),
+                                          entry.get("sql"), entry.get("down"), source))
+    return migrations
+
+
+def migrations_from_folder(folder: Path) -> list[Migration]:
+    if not folder.is_dir():
+        raise CommandError(f"migrations folder {folder} does not exist; create it or fix "
+                           f"migrations_dir in instances.ini", EXIT_USAGE)
+    migrations = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name == "__init__.py" or not path.is_file() \
+                or path.suffix not in (".sql", ".py"):
+            continue
+        match = MIGRATION_FILE.fullmatch(path.name)
+        if not match:
+            raise CommandError(f"{path}: a migration file is named NNNN_description"
+                               f"{path.suffix} (for example 0004_add_loan_status{path.suffix})",
+                               EXIT_USAGE)
+        version = int(match["version"])
+        description = match["description"].replace("_", " ")
+        if match["kind"] == "sql":
+            up, down = read_sql_file(path)
+            migrations.append(build_migration(version, description, up, down, str(path)))
+        else:
+            migrations.append(read_python_file(path, version, description))
+    return migrations
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{path}: cannot read as UTF-8 text: {exc}", EXIT_USAGE) from exc
+
+
+def read_sql_file(path: Path) -> tuple[str, str]:
+    """The up and down parts of a .sql file; without markers it is all up."""
+    parts: dict[str, list[str]] = {}
+    current = None
+    before: list[str] = []
+    for line in read_text(path).splitlines():
+        marker = MARKER.match(line)
+        if marker:
+            current = marker["part"].lower()
+            if current in parts:
+                raise CommandError(f"{path}: '-- migrate:{current}' appears twice", EXIT_USAGE)
+            parts[current] = []
+        elif current is None:
+            before.append(line)
+        else:
+            parts[current].append(line)
+    if not parts:
+        return "\n".join(before), ""
+    if bare_sql("\n".join(before)):
+        raise CommandError(f"{path}: SQL before the first '-- migrate:' marker; move it under "
+                           f"'-- migrate:up'", EXIT_USAGE)
+    return "\n".join(parts.get("up", [])), "\n".join(parts.get("down", []))
+
+
+def read_python_file(path: Path, version: int, description: str) -> Migration:
+    text = read_text(path)
+    module = load_python_module(path)
+    if not callable(getattr(module, "up", None)):
+        raise CommandError(f"{path}: a Python migration defines up(conn)", EXIT_USAGE)
+    return Migration(version=version, description=description, up=(), source=str(path),
+                     python=text, declared_destructive=getattr(module, "DESTRUCTIVE", False) is True)
+
+
+_python_modules: dict[str, object] = {}
+
+
+def load_python_module(path: Path):
+    key = str(path)
+    if key not in _python_modules:
+        spec = importlib.util.spec_from_file_location(f"migration_{abs(hash(key))}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - any error in a user's file is a usage error
+            raise CommandError(f"{path}: cannot load: {type(exc).__name__}: {exc}", EXIT_USAGE) from exc
+        _python_modules[key] = module
+    return _python_modules[key]
+
+
+def python_functions(migration: Migration) -> dict[str, Callable]:
+    module = load_python_module(Path(migration.source))
+    return {name: getattr(module, name) for name in ("up", "down") if callable(getattr(module, name, None))}
+
+
+def merge(*sources: list[Migration]) -> list[Migration]:
+    """One list ordered by version; a version defined twice is an error."""
+    by_version: dict[int, Migration] = {}
+    for migration in (m for source in sources for m in source):
+        if migration.version in by_version:
+            raise CommandError(f"version {migration.version} is defined twice: in "
+                               f"{by_version[migration.version].source} and in {migration.source}",
+                               EXIT_USAGE)
+        by_version[migration.version] = migration
+    return [by_version[v] for v in sorted(by_version)]
+
+
+_loaded: dict[Path, list[Migration]] = {}
+
+
+def all_migrations(instance: Instance) -> list[Migration]:
+    """The instance's migration list: MIGRATIONS plus its migrations folder, validated."""
+    if instance.migrations_dir not in _loaded:
+        _loaded[instance.migrations_dir] = merge(migrations_from_code(MIGRATIONS),
+                                                 migrations_from_folder(instance.migrations_dir))
+    return _loaded[instance.migrations_dir]
+
+
+# --- Reading an instance -----------------------------------------------------
+
+def tracking_columns(conn: sqlite3.Connection) -> list[str]:
+    return [row[1] for row in conn.execute("PRAGMA table_info(schema_migrations)")]
+
+
+def read_applied(conn: sqlite3.Connection) -> list[Applied]:
+    columns = tracking_columns(conn)
+    if not columns:
+        return []
+    if not {"version", "description"} <= set(columns):
+        raise CommandError("schema_migrations exists but has no version/description columns; "
+                           "it was not made by a migration tool this one understands")
+    checksum = "checksum" if "checksum" in columns else "NULL"
+    applied_at = "applied_at" if "applied_at" in columns else "NULL"
+    rows = conn.execute(f"SELECT version, description, {applied_at}, {checksum} "
+                        f"FROM schema_migrations ORDER BY version").fetchall()
+    return [Applied(int(v), str(d), None if a is None else str(a), c) for v, d, a, c in rows]
+
+
+def compare(instance: Instance, migrations: list[Migration], applied: list[Applied],
+            problems: list[str], drift: tuple[str, ...] = ()) -> State:
+    known = {m.version: m for m in migrations}
+    done = {a.version for a in applied}
+    modified = tuple(a.version for a in applied
+                     if a.version in known and a.checksum and a.checksum != known[a.version].checksum)
+    unknown = tuple(a.version for a in applied if a.version not in known)
+    problems = list(problems)
+    problems += [f"migration {v} was changed after it was applied (checksum differs from "
+                 f"{known[v].source})" for v in modified]
+    problems += [f"the database holds version {v}, which the migration list does not have"
+                 for v in unknown]
+    problems += [f"drift: {line}" for line in drift]
+    return State(instance=instance, exists=True,
+                 current_version=max(done, default=0),
+                 latest_version=max(known, default=0), applied=tuple(applied),
+                 pending=tuple(m for m in migrations if m.version not in done),
+                 modified=modified, unknown=unknown, drift=drift, problems=tuple(problems))
+
+
+def inspect(instance: Instance, migrations: list[Migration], quick_check: bool = False,
+            with_drift: bool = True) -> State:
+    """Read an instance without changing it: applied, pending, problems."""
+    latest = max((m.version for m in migrations), default=0)
+    if not instance.path.exists():
+        return State(instance=instance, exists=False, current_version=None, latest_version=latest,
+                     pending=tuple(migrations))
+    try:
+        with closing(open_readonly(instance)) as conn:
+            problems = [f"quick_check: {p}" for p in integrity_problems(conn, quick=True)] \
+                if quick_check else []
+            applied = read_applied(conn)
+            drift = schema_drift(conn, migrations, applied) if with_drift else ()
+    except (CommandError, sqlite3.Error, OSError) as exc:
+        return State(instance=instance, exists=True, current_version=None, latest_version=latest,
+                     pending=tuple(migrations), error=str(exc))
+    return compare(instance, migrations, applied, problems, drift)
+
+
+# --- Schema comparison (drift) -----------------------------------------------
+
+def schema_of(conn: sqlite3.Connection) -> dict[str, str]:
+    """Normalised sqlite_master: 'table user' -> its definition, columns included."""
+    objects = {}
+    for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS).fetchall():
+        key = f"{kind} {name}"
+        if kind == "table":
+            quoted = '"' + name.replace('"', '""') + '"'
+            columns = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
+            objects[key] = "; ".join(f"{c[1]} {c[2] or ''}{' NOT NULL' if c[3] else ''}"
+                                     f"{'' if c[4] is None else ' DEFAULT ' + str(c[4])}"
+                                     f"{' PK' if c[5] else ''}".strip() for c in columns)
+        else:
+            objects[key] = " ".join((sql or f"(automatic on {table})").split())
+    return objects
+
+
+_expected_schemas: dict[tuple, dict[str, str]] = {}
+
+
+def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> dict[str, str] | None:
+    """The schema that running these versions on an empty database produces (cached)."""
+    key = (tuple(m.checksum for m in migrations if m.version in versions), versions)
+    if key not in _expected_schemas:
+        chosen = [m for m in migrations if m.version in versions]
+        with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+            try:
+                run_migrations(conn, chosen, "up")
+            except (CommandError, sqlite3.Error):
+                _expected_schemas[key] = None
+                return None
+            _expected_schemas[key] = schema_of(conn)
+    return _expected_schemas[key]
+
+
+def compare_schemas(expected: dict[str, str], actual: dict[str, str],
+                    here: str = "database", there: str = "migrations") -> tuple[str, ...]:
+    lines = []
+    for key in sorted(set(expected) | set(actual)):
+        if key not in expected:
+            lines.append(f"{key} is in the {here} but not in the {there}")
+        elif key not in actual:
+            lines.append(f"{key} is in the {there} but missing from the {here}")
+        elif expected[key] != actual[key]:
+            lines.append(f"{key} differs: {there} has ({expected[key]}), "
+                         f"{here} has ({actual[key]})")
+    return tuple(lines)
+
+
+def schema_drift(conn: sqlite3.Connection, migrations: list[Migration],
+                 applied: list[Applied]) -> tuple[str, ...]:
+    known = {m.version for m in migrations}
+    versions = tuple(sorted(a.version for a in applied))
+    if not versions or not set(versions) <= known:
+        return ()
+    expected = expected_schema(migrations, versions)
+    if expected is None:
+        return ()
+    return compare_schemas(expected, schema_of(conn))
+
+
+# --- Planning ----------------------------------------------------------------
+
+def refuse_unsafe(state: State) -> None:
+    """Step 1 of migrate: touch nothing when the database is not what we expect."""
+    name = state.instance.name
+    if state.error:
+        raise CommandError(f"{name}: {state.error}")
+    if state.modified:
+        raise CommandError(f"{name}: {state.problems[0]}; restore the file to what was applied, "
+                           f"or add a new migration for the change; nothing changed")
+    if state.unknown:
+        raise CommandError(f"{name}: the database holds version(s) "
+                           f"{', '.join(map(str, state.unknown))} that the migration list does not "
+                           f"have (migrated by newer code?); nothing changed")
+    failed = [p for p in state.problems if p.startswith("quick_check")]
+    if failed:
+        raise CommandError(f"{name}: {failed[0]}; the database is damaged: see the emergency "
+                           f"procedures in the manual; nothing changed")
+
+
+def plan_migrate(state: State, target: int | None, create: bool = False) -> Plan:
+    name, current = state.instance.name, state.current_version or 0
+    if target is not None and target not in {m.version for m in all_migrations(state.instance)}:
+        raise CommandError(f"{name}: --to {target}: no such migration "
+                           f"(latest is {state.latest_version})", EXIT_USAGE)
+    if target is not None and target < current:
+        raise CommandError(f"{name}: already at version {current}, above --to {target}; "
+                           f"use 'rollback {name} --to {target}' to go back")
+    chosen = tuple(m for m in state.pending if target is None or m.version <= target)
+    return Plan(instance=state.instance, from_version=current,
+                to_version=max([current] + [m.version for m in chosen]),
+                migrations=chosen, destructive=destructive_statements(chosen, "up"), create=create)
+
+
+def destructive_statements(migrations, direction: str) -> tuple[tuple[int, str, str], ...]:
+    found = []
+    for migration in migrations:
+        if migration.python and migration.declared_destructive:
+            found.append((migration.version, "Python migration marked DESTRUCTIVE",
+                          Path(migration.source).name))
+        for statement in (migration.up if direction == "up" else migration.down):
+            kind = destructive_kind(statement)
+            if kind:
+                found.append((migration.version, kind, statement))
+    return tuple(found)
+
+
+# --- Applying ----------------------------------------------------------------
+
+class TransactionGuard:
+    """An authorizer that refuses BEGIN/COMMIT/ROLLBACK from inside a migration."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def __call__(self, action, *_):
+        if self.active and action == SQLITE_TRANSACTION:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+
+class MigrationConnection:
+    """What a Python migration's up(conn) receives: it can read and write, not commit."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters=()):
+        return self._conn.execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters):
+        return self._conn.executemany(sql, seq_of_parameters)
+
+    def commit(self) -> None:
+        raise CommandError("a migration cannot commit; the tool commits the whole run at the end")
+
+    rollback = commit
+
+    def executescript(self, _script: str) -> None:
+        raise CommandError("executescript commits on its own; use execute() per statement")
+
+
+def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
+                   backup_note: str = "", record: bool = False) -> list[int]:
+    """Run the up (or down) parts inside the caller's transaction."""
+    done = []
+    for migration in migrations:
+        started = time.perf_counter()
+        if migration.python:
+            run_python(conn, migration, direction, backup_note)
+        for statement in (migration.up if direction == "up" else migration.down):
+            try:
+                conn.execute(statement)
+            except sqlite3.Error as exc:
+                raise CommandError(failure(migration, statement, exc, backup_note)) from exc
+        if record and direction == "up":
+            elapsed_ms = round((time.perf_counter() - started) * 1000)
+            conn.execute(RECORD_APPLIED, (migration.version, migration.description,
+                                          migration.checksum, elapsed_ms))
+        elif record:
+            conn.execute(FORGET_APPLIED, (migration.version,))
+        done.append(migration.version)
+    return done
+
+
+def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, note: str) -> None:
+    function = python_functions(migration).get(direction)
+    if function is None:
+        return
+    try:
+        function(MigrationConnection(conn))
+    except CommandError as exc:
+        raise CommandError(failure(migration, f"{direction}(conn)", exc, note)) from exc
+    except Exception as exc:  # noqa: BLE001 - a user's code may raise anything; roll back
+        raise CommandError(failure(migration, f"{direction}(conn)", exc, note)) from exc
+    if not conn.in_transaction:
+        raise CommandError(failure(migration, f"{direction}(conn)", "it ended the transaction", note))
+
+
+def failure(migration: Migration, statement: str, error, note: str) -> str:
+    if isinstance(error, sqlite3.DatabaseError) and "not authorized" in str(error):
+        error = "statements that begin or end a transaction are not allowed in a migration"
+    text = " ".join(statement.split())
+    return (f"migration {migration.version} ({migration.description}) failed: {error}; "
+            f"statement: {text[:200]}; rolled back, nothing changed{note}")
+
+
+def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {}
+    for (name,) in conn.execute(USER_TABLES).fetchall():
+        quoted = '"' + name.replace('"', '""') + '"'
+        counts[name] = conn.execute(f"SELECT COUNT(*) FROM {quoted}").fetchone()[0]
+    return counts
+
+
+def lost_rows(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    lost = []
+    for table, count in before.items():
+        if table not in after:
+            lost.append(f"table {table} ({count} rows) no longer exists")
+        elif after[table] < count:
+            lost.append(f"table {table} lost {count - after[table]} rows ({count} -> {after[table]})")
+    return lost
+
+
+def ensure_tracking_table(conn: sqlite3.Connection, migrations: list[Migration]) -> None:
+    """Create schema_migrations, or upgrade the older three-column one in place."""
+    columns = tracking_columns(conn)
+    if not columns:
+        conn.execute(TRACKING_TABLE)
+        return
+    for column, kind in (("checksum", "TEXT"), ("execution_ms", "INTEGER")):
+        if column not in columns:
+            conn.execute(f"ALTER TABLE schema_migrations ADD COLUMN {column} {kind}")
+    for migration in migrations:
+        conn.execute(FILL_CHECKSUM, (migration.checksum, migration.version))
+
+
+@contextmanager
+def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Foreign keys off (set before BEGIN, or it is a no-op), one transaction, guard on."""
+    guard = TransactionGuard()
+    conn.set_authorizer(guard)
+    conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            guard.active = True
+            yield
+            guard.active = False
+            conn.execute("COMMIT")
+        except BaseException:
+            guard.active = False
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.set_authorizer(TransactionGuard())
+        conn.execute("PRAGMA foreign_keys = ON")
+
+
+def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
+               backup_note: str = "") -> list[int]:
+    """All of the plan in one transaction, checked before COMMIT; nothing on failure."""
+    with migration_transaction(conn):
+        before = row_counts(conn)
+        ensure_tracking_table(conn, migrations)
+        done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True)
+        check_before_commit(conn, plan, before, backup_note)
+    return done
+
+
+def check_before_commit(conn: sqlite3.Connection, plan: Plan, before: dict[str, int],
+                        note: str) -> None:
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        table, rowid, parent, _ = broken[0]
+        raise CommandError(f"foreign key check failed: {len(broken)} row(s), e.g. {table} row "
+                           f"{rowid} refers to a missing row in {parent}; rolled back, nothing "
+                           f"changed{note}")
+    if not plan.destructive:
+        lost = lost_rows(before, row_counts(conn))
+        if lost:
+            raise CommandError(f"lost-row guard: {lost[0]}, and no confirmed destructive statement "
+                               f"explains it; rolled back, nothing changed{note}")
+
+
+# --- Dry run -----------------------------------------------------------------
+
+def table_shapes(conn: sqlite3.Connection) -> dict[str, tuple[tuple[str, ...], int]]:
+    shapes = {}
+    for table, rows in row_counts(conn).items():
+        quoted = '"' + table.replace('"', '""') + '"'
+        shapes[table] = (tuple(r[1] for r in conn.execute(f"PRAGMA table_info({quoted})")), rows)
+    return shapes
+
+
+def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
+    """Run the plan on a copy in the system's temporary folder; the instance is untouched."""
+    started = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix="db-migration-dry-run-")
+    try:
+        copy_path = Path(scratch) / "rehearsal.db"
+        with closing(sqlite3.connect(copy_path, isolation_level=None)) as copy:
+            if plan.instance.path.exists():
+                with closing(open_readonly(plan.instance)) as source:
+                    source.backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")
+            before = table_shapes(copy)
+            try:
+                apply_plan(copy, plan, migrations)
+            except CommandError as exc:
+                return Rehearsal(ok=False, error=str(exc).replace(", nothing changed", ""),
+                                 seconds=time.perf_counter() - started)
+            after = table_shapes(copy)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Rehearsal(ok=True, error="", seconds=time.perf_counter() - started,
+                     **shape_changes(before, after))
+
+
+def shape_changes(before: dict, after: dict) -> dict:
+    common = sorted(set(before) & set(after))
+    return {
+        "tables_added": tuple(sorted(set(after) - set(before))),
+        "tables_removed": tuple(sorted(set(before) - set(after))),
+        "columns_added": tuple(f"{t}.{c}" for t in common for c in after[t][0] if c not in before[t][0]),
+        "columns_removed": tuple(f"{t}.{c}" for t in common for c in before[t][0] if c not in after[t][0]),
+        "row_changes": tuple((t, before.get(t, (0, 0))[1], after.get(t, (0, 0))[1])
+                             for t in sorted(set(before) | set(after))
+                             if before.get(t, ((), 0))[1] != after.get(t, ((), 0))[1]),
+    }
+
+
+# --- Migrate -----------------------------------------------------------------
+
+def migrate_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
+    """The six steps of migrate for one instance."""
+    migrations = all_migrations(instance)
+    started = time.perf_counter()
+    missing = not instance.path.exists()
+    if missing and not args.create:
+        raise CommandError(f"{instance.name}: no database at {instance.path}; add --create to "
+                           f"make a new one (never use it to replace a lost database: restore it)")
+    if not missing:
+        require_database(instance)
+    state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
+    refuse_unsafe(state)
+    plan = plan_migrate(state, args.to, create=missing)
+    if args.dry_run:
+        rehearsal = rehearse(plan, migrations) if plan.migrations else None
+        return Outcome(plan, tuple(m.version for m in plan.migrations), None,
+                       time.perf_counter() - started, dry_run=True, rehearsal=rehearsal)
+    if not plan.migrations:
+        return Outcome(plan, (), None, time.perf_counter() - started)
+    if plan.destructive:
+        confirm(args, instance, destructive_question(plan))
+    with instance_lock(instance, "migrate"), \
+            audited(instance, "migrate", plan.from_version) as entry:
+        backup, applied = locked_migrate(instance, migrations, plan, entry)
+    return Outcome(plan, tuple(applied), backup, time.perf_counter() - started)
+
+
+def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
+                   entry: dict) -> tuple[Backup | None, list[int]]:
+    if plan.create:
+        instance.path.parent.mkdir(parents=True, exist_ok=True)
+        if instance.path.exists():
+            raise CommandError(f"{instance.name}: {instance.path} appeared meanwhile; run again")
+        with closing(sqlite3.connect(instance.path)):
+            pass
+        backup, note = None, ""
+    else:
+        fresh = plan_migrate(inspect(instance, migrations, with_drift=False), plan.to_version)
+        if fresh.migrations != plan.migrations:
+            raise CommandError(f"{instance.name}: changed by someone else while we waited; "
+                               f"nothing done; run the command again")
+        backup, _ = backup_with_retention(instance, "pre-migrate")
+        if not backup.verified:
+            raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
+                               f"check ({backup.path}); nothing changed")
+        entry["backup"] = str(backup.path)
+        note = f"; backup: {backup.path}"
+    with closing(connect(instance)) as conn:
+        applied = apply_plan(conn, plan, migrations, note)
+    entry["version_after"] = plan.to_version
+    return backup, applied
+
+
+def destructive_question(plan: Plan) -> str:
+    lines = [f"{plan.instance.name}: these statements can destroy data:"]
+    lines += [f"  {version:04d}  {kind}: {' '.join(text.split())[:120]}"
+              for version, kind, text in plan.destructive]
+    return "\n".join(lines + ["Apply them?"])
+
+
+# --- Presentation ------------------------------------------------------------
+
+def age(created_at: str | None) -> str:
+    if not created_at:
+        return "never"
+    stamp = time.mktime(time.strptime(created_at[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    seconds = max(0, time.time() - stamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def status_as_json(state: State, last_backup: str | None) -> dict:
+    return {"name": state.instance.name, "path": str(state.instance.path), "exists": state.exists,
+            "current_version": state.current_version, "latest_version": state.latest_version,
+            "pending": [m.version for m in state.pending], "state": state.state,
+            "last_backup": last_backup, **({"error": state.error} if state.error else {})}
+
+
+def format_status(rows: list[tuple[State, str | None]]) -> str:
+    width = max([8] + [len(s.instance.name) for s, _ in rows])
+    lines = [f"{'instance':<{width}}  {'version':>7}  {'latest':>6}  {'pending':>7}  "
+             f"{'state':<10}  last backup"]
+    for state, last in rows:
+        current = "-" if state.current_version is None else str(state.current_version)
+        lines.append(f"{state.instance.name:<{width}}  {current:>7}  {state.latest_version:>6}  "
+                     f"{len(state.pending):>7}  {state.state:<10}  {age(last)}"
+                     + (f"  ({state.error})" if state.error else ""))
+    if len(rows) > 20:
+        counts: dict[str, int] = {}
+        for state, _ in rows:
+            counts[state.state] = counts.get(state.state, 0) + 1
+        lines.append(f"{len(rows)} instances: "
+                     + ", ".join(f"{n} {word}" for word, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def check_as_json(state: State) -> dict:
+    known = {m.version: m for m in all_migrations(state.instance)}
+    return {"name": state.instance.name, "path": str(state.instance.path),
+            "current_version": state.current_version, "latest_version": state.latest_version,
+            "applied": [{"version": a.version, "description": a.description,
+                         "applied_at": a.applied_at,
+                         "checksum_ok": a.version in known and a.version not in state.modified}
+                        for a in state.applied],
+            "pending": [m.version for m in state.pending], "problems": list(state.problems),
+            "drift": list(state.drift), "state": state.state, "consistent": consistent(state)}
+
+
+def consistent(state: State) -> bool:
+    return state.exists and not state.error and not state.problems and not state.pending
+
+
+def format_check(state: State) -> str:
+    data = check_as_json(state)
+    lines = [f"{state.instance.name}: {state.instance.path}",
+             f"version {state.current_version} of {state.latest_version}: {state.state}"]
+    lines.append("applied:" if state.applied else "applied: none")
+    for a in data["applied"]:
+        mark = "checksum ok" if a["checksum_ok"] else "CHECKSUM CHANGED or unknown"
+        lines.append(f"  {a['version']:>4}  {a['description']:<40}  {a['applied_at'] or '-':<19}  {mark}")
+    lines.append("pending: " + (", ".join(m.label for m in state.pending) or "none"))
+    lines.append("problems:" if state.problems else "problems: none")
+    lines += [f"  {p}" for p in state.problems]
+    return "\n".join(lines)
+
+
+def outcome_as_json(outcome: Outcome) -> dict:
+    data = {"name": outcome.plan.instance.name, "from_version": outcome.plan.from_version,
+            "to_version": outcome.plan.to_version, "applied": list(outcome.applied),
+            "backup": str(outcome.backup.path) if outcome.backup else None,
+            "dry_run": outcome.dry_run, "seconds": round(outcome.seconds, 3)}
+    if outcome.dry_run:
+        data["plan"] = [{"version": m.version, "description": m.description, "source": m.source,
+                         "statements": list(m.up) or [f"up(conn) in {Path(m.source).name}"]}
+                        for m in outcome.plan.migrations]
+        data["destructive"] = [{"version": v, "kind": k, "statement": s}
+                               for v, k, s in outcome.plan.destructive]
+        r = outcome.rehearsal
+        data["rehearsal"] = None if r is None else {
+            "ok": r.ok, "error": r.error or None, "seconds": round(r.seconds, 3),
+            "tables_added": list(r.tables_added), "tables_removed": list(r.tables_removed),
+            "columns_added": list(r.columns_added), "columns_removed": list(r.columns_removed),
+            "row_changes": [{"table": t, "before": b, "after": a} for t, b, a in r.row_changes]}
+    return data
+
+
+def format_outcome(outcome: Outcome) -> str:
+    plan, name = outcome.plan, outcome.plan.instance.name
+    if outcome.dry_run:
+        return format_dry_run(outcome)
+    if not outcome.applied:
+        return f"{name}: up to date at version {plan.from_version}; nothing to do"
+    lines = [f"{name}: created {plan.instance.path}"] if plan.create else []
+    lines += [f"{name}: applied {m.label}" for m in plan.migrations]
+    lines.append(f"{name}: now at version {plan.to_version} (was {plan.from_version}), "
+                 f"{outcome.seconds:.2f}s; backup: "
+                 + (str(outcome.backup.path) if outcome.backup else "none (new database)"))
+    return "\n".join(lines)
+
+
+def format_dry_run(outcome: Outcome) -> str:
+    plan, name = outcome.plan, outcome.plan.instance.name
+    if not plan.migrations:
+        return f"{name}: dry run: up to date at version {plan.from_version}; nothing would change"
+    marked = {(v, s) for v, _, s in plan.destructive}
+    lines = [f"{name}: dry run: version {plan.from_version} -> {plan.to_version}, "
+             f"{len(plan.migrations)} migration(s)" + (" on a new database" if plan.create else "")]
+    for m in plan.migrations:
+        lines.append(f"  {m.label}  ({m.source})")
+        for statement in m.up or (f"up(conn) in {Path(m.source).name}",):
+            flag = "!" if (m.version, statement) in marked else " "
+            body = statement.replace("\n", "\n        ")
+            lines.append(f"    {flag} {body}")
+    if plan.destructive:
+        lines.append("  ! destructive: needs confirmation (or --yes) when run for real")
+    r = outcome.rehearsal
+    if not r.ok:
+        lines.append(f"rehearsal on a copy: FAILED: {r.error}")
+        return "\n".join(lines)
+    lines.append(f"rehearsal on a copy: ok ({r.seconds:.2f}s); the instance was not touched")
+    for label, items in (("tables added", r.tables_added), ("tables removed", r.tables_removed),
+                         ("columns added", r.columns_added), ("columns removed", r.columns_removed)):
+        if items:
+            lines.append(f"  {label}: {', '.join(items)}")
+    for table, before, after in r.row_changes:
+        lines.append(f"  rows in {table}: {before} -> {after}")
+    if not (r.tables_added or r.tables_removed or r.columns_added or r.columns_removed or r.row_changes):
+        lines.append("  no table, column or row count changes")
+    return "\n".join(lines)
+
+
+# --- Commands ----------------------------------------------------------------
+
+def chosen_instances(args: argparse.Namespace, name: str | None) -> list[Instance]:
+    """The instances a command works on, with every migration list validated first."""
+    config = find_config(args.config)
+    instances = load_instances(config)
+    chosen = instances if name is None else select_instances(instances, name, config)
+    for instance in chosen:
+        all_migrations(instance)
+    return chosen
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = []
+    for instance in chosen_instances(args, args.name):
+        state = inspect(instance, all_migrations(instance))
+        rows.append((state, newest_backup_time(instance)))
+    emit(args, format_status(rows), {"instances": [status_as_json(s, last) for s, last in rows]})
+    return EXIT_FAILED if any(s.error for s, _ in rows) else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    state = inspect(instance, all_migrations(instance), quick_check=True)
+    if not state.exists or state.error:
+        raise CommandError(f"{instance.name}: {state.error or f'no database at {instance.path}'}")
+    emit(args, format_check(state), check_as_json(state))
+    return EXIT_OK if consistent(state) else EXIT_FAILED
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    all_migrations(instance)
+    outcome = migrate_instance(args, instance)
+    emit(args, format_outcome(outcome), outcome_as_json(outcome))
+    if outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_migrate_all(args: argparse.Namespace) -> int:
+    instances = chosen_instances(args, None)
+    results, stopped = [], False
+    for instance in instances:
+        if stopped:
+            results.append({"name": instance.name, "result": "skipped", "error": None})
+            continue
+        try:
+            outcome = migrate_instance(args, instance)
+        except CommandError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            results.append({"name": instance.name, "result": "failed", "error": str(exc)})
+            stopped = not args.keep_going
+            continue
+        failed = outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok
+        results.append({**outcome_as_json(outcome), "result": "failed" if failed else "ok",
+                        "error": outcome.rehearsal.error if failed else None})
+        if not args.json:
+            emit(args, format_outcome(outcome), {})
+        stopped = failed and not args.keep_going
+    failures = [r for r in results if r["result"] == "failed"]
+    summary = (f"migrate-all: {len(results) - len(failures) - sum(r['result'] == 'skipped' for r in results)}"
+               f" ok, {len(failures)} failed, {sum(r['result'] == 'skipped' for r in results)} skipped")
+    summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
+    emit(args, summary, {"instances": results})
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    backup, removed = locked_backup(instance, sys.stderr.isatty() and not args.quiet and not args.json)
+    emit(args, format_backup(instance, backup, removed), backup_as_json(instance, backup))
+    if not backup.verified:
+        raise CommandError(f"{instance.name}: the copy failed its integrity check; kept for "
+                           f"forensics as {backup.path}, marked unverified")
+    return EXIT_OK
+
+
+# --- Parser and main ---------------------------------------------------------
+
+def add_command(commands, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, parents=[common_options(True)], help=help_text,
+                                 description=help_text)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def version_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a version number")
+    return int(text)
+
+
+def add_migrate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show the plan and rehearse it on a temporary copy; change nothing")
+    parser.add_argument("--to", type=version_number, metavar="VERSION",
+                        help="apply pending migrations up to this version only")
+    parser.add_argument("--create", action="store_true",
+                        help="make the database file if it does not exist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     parents=[common_options(False)])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = add_command(commands, "status", cmd_status, "every instance's version and state")
+    status.add_argument("name", metavar="NAME", nargs="?", help="one instance or fleet only")
+    add_command(commands, "check", cmd_check,
+                "applied and pending migrations of one instance, and problems"
+                ).add_argument("name", metavar="NAME")
+    migrate = add_command(commands, "migrate", cmd_migrate, "apply pending migrations to one instance")
+    migrate.add_argument("name", metavar="NAME")
+    add_migrate_options(migrate)
+    migrate_all = add_command(commands, "migrate-all", cmd_migrate_all,
+                              "migrate every instance in file order")
+    add_migrate_options(migrate_all)
+    migrate_all.add_argument("--keep-going", action="store_true",
+                             help="go on with the next instance after a failure")
+    add_command(commands, "backup", cmd_backup, "verified backup of one instance"
+                ).add_argument("name", metavar="NAME")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), PROG, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

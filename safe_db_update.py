@@ -1,0 +1,1060 @@
+"""Verified backups, restore, integrity checks and information for SQLite instances.
+
+usage: python safe_db_update.py [--config PATH] [--json] [-q] [-y] COMMAND ...
+
+Instances are named in instances.ini; see DATABASE_MIGRATION_README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import contextlib
+import datetime
+import getpass
+import glob
+import hashlib
+import json
+import os
+import re
+import socket
+import sqlite3
+import sys
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock; locking is skipped there
+    fcntl = None
+
+# --- Constants ---------------------------------------------------------------
+
+PROG = "safe_db_update.py"
+VERSION = "1.0.0"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+CONFIG_FILE = "instances.ini"
+CONFIG_ENV = "DB_MIGRATION_CONFIG"
+DEFAULTS = {"backup_dir": "backups", "migrations_dir": "migrations",
+            "keep_backups": "30", "busy_timeout": "30", "protected": "no"}
+KNOWN_KEYS = {"path", "protected", "backup_dir", "migrations_dir", "keep_backups", "busy_timeout"}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+REASONS = ("manual", "pre-migrate", "pre-restore", "pre-rollback")
+SQLITE_HEADER = b"SQLite format 3\x00"
+BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{12}Z)-(?P<reason>[a-z-]+)\.db")
+PROGRESS_AFTER_SECONDS = 1.5
+CHUNK = 1024 * 1024
+
+TABLES_SQL = """
+    SELECT name FROM sqlite_master
+    WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
+    ORDER BY name
+"""
+SCHEMA_VERSION_SQL = "SELECT MAX(version) FROM schema_migrations"
+
+
+# --- Errors ------------------------------------------------------------------
+
+class CommandError(Exception):
+    """A problem the user can fix; main() prints it on one line."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --- Records -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Instance:
+    name: str                       # 'prod', or 'tenants/acme' for a fleet member
+    path: Path                      # absolute: resolved against the ini file's folder
+    backup_dir: Path                # the root; this instance's backups are in backup_folder
+    migrations_dir: Path
+    config: Path
+    keep_backups: int = 30          # 0 keeps all
+    busy_timeout: float = 30.0
+    protected: bool = False
+    group: str = ""                 # the fleet section this instance belongs to, if any
+
+    @property
+    def home(self) -> Path:
+        """Folder for this instance's lock and history: <backup_dir>/<name>."""
+        return self.backup_dir / self.name
+
+    @property
+    def backup_folder(self) -> Path:
+        return self.home / "database"
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: Path
+    sha256: str
+    size: int
+    created_at: str
+    source: str
+    schema_version: int | None
+    reason: str
+    sqlite_version: str
+    verified: bool
+    seconds: float = 0.0
+
+    def manifest(self) -> dict:
+        return {"sha256": self.sha256, "size": self.size, "created_at": self.created_at,
+                "source": self.source, "schema_version": self.schema_version,
+                "reason": self.reason, "sqlite_version": self.sqlite_version,
+                "verified": self.verified}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    rows: int
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Info:
+    instance: Instance
+    size: int
+    page_size: int
+    page_count: int
+    freelist_count: int
+    journal_mode: str
+    schema_version: int | None
+    tables: tuple[Table, ...]
+    indexes: tuple[str, ...]
+    views: tuple[str, ...]
+    triggers: tuple[str, ...]
+    backups: tuple[Backup, ...]
+
+
+# --- Registry ----------------------------------------------------------------
+
+def find_config(explicit: Path | None = None) -> Path:
+    """--config, else $DB_MIGRATION_CONFIG, else ./instances.ini, else beside the scripts."""
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    elif os.environ.get(CONFIG_ENV):
+        candidates = [Path(os.environ[CONFIG_ENV])]
+    else:
+        candidates = [Path.cwd() / CONFIG_FILE, Path(__file__).resolve().parent / CONFIG_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return Path(os.path.abspath(candidate))
+    raise CommandError(f"{candidates[0]}: no instance registry found; pass --config PATH "
+                       f"or set {CONFIG_ENV}", EXIT_USAGE)
+
+
+def read_config(config: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    parser.read_dict({"DEFAULT": DEFAULTS})
+    try:
+        with open(config, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{config}: cannot read: {exc}", EXIT_USAGE) from exc
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise CommandError(f"{config}: not a valid instances.ini: {first_line}", EXIT_USAGE) from exc
+    return parser
+
+
+def load_instances(config: Path) -> list[Instance]:
+    """Every instance in the registry, in the file's order; fleets expanded."""
+    parser = read_config(config)
+    unknown = set(parser.defaults()) - KNOWN_KEYS
+    if unknown or "path" in parser.defaults():
+        key = sorted(unknown)[0] if unknown else "path"
+        raise CommandError(f"{config}: [DEFAULT]: key '{key}' is not allowed here "
+                           f"(known keys: {', '.join(sorted(KNOWN_KEYS - {'path'}))})", EXIT_USAGE)
+    instances: list[Instance] = []
+    for section in parser.sections():
+        instances.extend(section_instances(config, parser[section]))
+    if not instances:
+        raise CommandError(f"{config}: no instances defined; add a section such as "
+                           f"[dev] with path = instance/dev.db", EXIT_USAGE)
+    return instances
+
+
+def section_instances(config: Path, section: configparser.SectionProxy) -> list[Instance]:
+    where = f"{config}: [{section.name}]"
+    if not NAME_PATTERN.fullmatch(section.name):
+        raise CommandError(f"{where}: instance names use letters, digits, '_' and '-' "
+                           f"(at most 64)", EXIT_USAGE)
+    unknown = set(section) - KNOWN_KEYS
+    if unknown:
+        raise CommandError(f"{where}: unknown key '{sorted(unknown)[0]}' "
+                           f"(known keys: {', '.join(sorted(KNOWN_KEYS))})", EXIT_USAGE)
+    raw_path = section.get("path", "").strip()
+    if not raw_path:
+        raise CommandError(f"{where}: missing 'path' (the database file)", EXIT_USAGE)
+    base = config.parent
+    settings = dict(backup_dir=resolve(base, section["backup_dir"]),
+                    migrations_dir=resolve(base, section["migrations_dir"]),
+                    config=config, keep_backups=whole_number(section, "keep_backups", where),
+                    busy_timeout=seconds(section, where), protected=flag(section, where))
+    if glob.has_magic(raw_path):
+        return fleet_members(section.name, resolve(base, raw_path), settings, where)
+    path = resolve(base, raw_path)
+    if path.is_dir():
+        raise CommandError(f"{where}: path {path} is a folder; give the database file", EXIT_USAGE)
+    return [Instance(name=section.name, path=path, **settings)]
+
+
+def fleet_members(group: str, pattern: Path, settings: dict, where: str) -> list[Instance]:
+    members = []
+    for match in sorted(glob.glob(str(pattern))):
+        path = Path(match)
+        if path.is_dir():
+            continue
+        if not NAME_PATTERN.fullmatch(path.stem):
+            raise CommandError(f"{where}: file {path.name} does not make an instance name "
+                               f"(letters, digits, '_' and '-'); rename it", EXIT_USAGE)
+        members.append(Instance(name=f"{group}/{path.stem}", path=path, group=group, **settings))
+    return members
+
+
+def resolve(base: Path, value: str) -> Path:
+    return Path(os.path.abspath(base / os.path.expanduser(value.strip())))
+
+
+def whole_number(section: configparser.SectionProxy, key: str, where: str) -> int:
+    try:
+        value = int(section[key])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise CommandError(f"{where}: {key} must be a whole number, 0 or more", EXIT_USAGE)
+    return value
+
+
+def seconds(section: configparser.SectionProxy, where: str) -> float:
+    try:
+        value = float(section["busy_timeout"])
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 86400:
+        raise CommandError(f"{where}: busy_timeout must be a number of seconds", EXIT_USAGE)
+    return value
+
+
+def flag(section: configparser.SectionProxy, where: str) -> bool:
+    try:
+        return section.getboolean("protected")
+    except ValueError as exc:
+        raise CommandError(f"{where}: protected must be yes or no", EXIT_USAGE) from exc
+
+
+def select_instances(instances: list[Instance], name: str, config: Path) -> list[Instance]:
+    """The instance called NAME, or every member of the fleet called NAME."""
+    chosen = [i for i in instances if i.name == name or i.group == name]
+    if not chosen:
+        known = ", ".join(sorted({i.group or i.name for i in instances}))
+        raise CommandError(f"{config}: no instance named '{name}' (known: {known})", EXIT_USAGE)
+    return chosen
+
+
+def get_instance(args: argparse.Namespace, name: str | None = None) -> Instance:
+    """The single instance named on the command line."""
+    config = find_config(args.config)
+    name = name or args.name
+    chosen = select_instances(load_instances(config), name, config)
+    if len(chosen) > 1:
+        raise CommandError(f"'{name}' is a group of {len(chosen)} instances; name one member "
+                           f"such as '{chosen[0].name}'", EXIT_USAGE)
+    return chosen[0]
+
+
+# --- Connections -------------------------------------------------------------
+
+def require_database(instance: Instance) -> None:
+    """Refuse a missing file or one that is not an SQLite database."""
+    path = instance.path
+    if not path.is_file():
+        raise CommandError(f"{instance.name}: no database at {path}")
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise CommandError(f"{instance.name}: cannot read {path}: {exc.strerror}") from exc
+    if header and header != SQLITE_HEADER:
+        raise CommandError(f"{instance.name}: {path} is not an SQLite database")
+
+
+def connect(instance: Instance) -> sqlite3.Connection:
+    """A read-write connection in autocommit mode; our own BEGIN/COMMIT only."""
+    require_database(instance)
+    return open_path(instance.path, instance.busy_timeout)
+
+
+def open_path(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqlite3.Connection:
+    uri = Path(os.path.abspath(path)).as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout)
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        raise CommandError(f"cannot open {path}: {exc}") from exc
+    return conn
+
+
+def open_readonly(instance: Instance) -> sqlite3.Connection:
+    """A connection that cannot write, so a typo never creates or changes a database."""
+    require_database(instance)
+    return open_path(instance.path, instance.busy_timeout, readonly=True)
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")     # take the write lock now, not half-way through
+    try:
+        yield conn
+        conn.execute("COMMIT")          # a failed COMMIT is rolled back below
+    except BaseException:
+        if conn.in_transaction:         # some errors have already ended it
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def instance_lock(instance: Instance, command: str) -> Iterator[None]:
+    """Keep backup, migrate and restore of one instance from overlapping."""
+    make_private_folder(instance.home)
+    lock_path = instance.home / "lock"
+    try:
+        handle = open(lock_path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"{instance.name}: cannot open lock file {lock_path}: {exc.strerror}") from exc
+    with handle:
+        if fcntl is not None:
+            wait_for_lock(handle, instance, lock_path)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"command": command, "pid": os.getpid(), "since": utc_now()[1]}))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()           # flock is released when the file is closed
+
+
+def wait_for_lock(handle, instance: Instance, lock_path: Path) -> None:
+    deadline = time.monotonic() + instance.busy_timeout
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise CommandError(f"{instance.name}: busy: {describe_holder(lock_path)}; "
+                                   f"waited {instance.busy_timeout:g}s; try again when it "
+                                   f"has finished") from None
+            time.sleep(0.05)
+
+
+def describe_holder(lock_path: Path) -> str:
+    try:
+        holder = json.loads(lock_path.read_text(encoding="utf-8"))
+        return f"'{holder['command']}' (pid {holder['pid']}) holds the lock since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"another process holds {lock_path}"
+
+
+# --- Small helpers -----------------------------------------------------------
+
+def utc_now() -> tuple[str, str]:
+    """(file-name stamp, ISO 8601) for the same instant, in UTC."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S%fZ"), now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def make_private_folder(folder: Path) -> None:
+    """Create folder (and parents) and make it and its parent-within-backups 0700."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if folder.is_symlink():
+            raise CommandError(f"{folder} is a symbolic link; backups must live in a real folder")
+        os.chmod(folder, 0o700)
+    except OSError as exc:
+        raise CommandError(f"cannot create folder {folder}: {exc.strerror}") from exc
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def schema_version(conn: sqlite3.Connection) -> int | None:
+    """Highest applied migration, 0 when none, None when unreadable."""
+    try:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                              "AND name = 'schema_migrations'").fetchone()
+        if not exists:
+            return 0
+        return int(conn.execute(SCHEMA_VERSION_SQL).fetchone()[0] or 0)
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+
+
+def integrity_problems(conn: sqlite3.Connection, quick: bool = False) -> list[str]:
+    pragma = "quick_check" if quick else "integrity_check"
+    try:
+        rows = [row[0] for row in conn.execute(f"PRAGMA {pragma}")]
+    except sqlite3.DatabaseError as exc:
+        return [f"{pragma} failed: {exc}"]
+    return [] if rows == ["ok"] else [str(row) for row in rows]
+
+
+def foreign_key_problems(conn: sqlite3.Connection) -> list[str]:
+    try:
+        rows = conn.execute("PRAGMA foreign_key_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return [f"foreign_key_check failed: {exc}"]
+    return [f"foreign key: {table} row {rowid} refers to a missing row in {parent}"
+            for table, rowid, parent, _ in rows]
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+# --- Backups -----------------------------------------------------------------
+
+def create_backup(instance: Instance, reason: str = "manual", progress: bool = False) -> Backup:
+    """Copy the live database into a verified, checksummed backup file.
+
+    The copy is written to a hidden temporary name and only renamed into place,
+    beside its manifest, once it is complete and synced; a crash leaves nothing
+    that looks like a backup.
+    """
+    require_database(instance)
+    started = time.perf_counter()
+    folder = instance.backup_folder
+    make_private_folder(instance.home)
+    make_private_folder(folder)
+    final = unique_backup_path(folder, instance.stem, reason)
+    partial = folder / f".{final.name}.partial"
+    try:
+        copy_database(instance, partial, progress)
+        backup = describe_copy(instance, partial, final, reason)
+        write_manifest(backup, partial)
+        fsync_path(folder, directory=True)
+    except (OSError, sqlite3.Error) as exc:
+        discard(partial, Path(f"{final}.json.partial"))
+        raise CommandError(f"{instance.name}: backup failed: {describe_error(exc)}; "
+                           f"the database is unchanged") from exc
+    except BaseException:
+        discard(partial, Path(f"{final}.json.partial"))
+        raise
+    return replace(backup, seconds=time.perf_counter() - started)
+
+
+def unique_backup_path(folder: Path, stem: str, reason: str) -> Path:
+    while True:
+        stamp, _ = utc_now()
+        final = folder / f"{stem}-{stamp}-{reason}.db"
+        if not final.exists():
+            return final
+        time.sleep(0.000001)
+
+
+def copy_database(instance: Instance, partial: Path, progress: bool) -> None:
+    """One-step online backup: a single consistent snapshot that never restarts."""
+    fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    show = progress_printer(instance, progress)
+    with closing(open_readonly(instance)) as source, \
+            closing(open_path(partial, instance.busy_timeout)) as target:
+        target.execute("PRAGMA journal_mode = OFF")   # a fresh file: nothing to protect yet
+        target.execute("PRAGMA synchronous = OFF")    # one fsync at the end instead
+        source.backup(target, pages=-1, progress=show)
+        if target.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            target.execute("PRAGMA journal_mode = DELETE")
+    fsync_path(partial)
+
+
+def progress_printer(instance: Instance, enabled: bool):
+    if not enabled:
+        return None
+    started = time.monotonic()
+
+    def show(status: int, remaining: int, total: int) -> None:
+        if time.monotonic() - started >= PROGRESS_AFTER_SECONDS and total:
+            done = total - remaining
+            print(f"\r{instance.name}: copied {done}/{total} pages ({100 * done // total}%)",
+                  end="", file=sys.stderr, flush=True)
+    return show
+
+
+def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -> Backup:
+    with closing(open_path(partial, readonly=True)) as copy:
+        problems = integrity_problems(copy)
+        version = schema_version(copy)
+    _, created_at = utc_now()
+    return Backup(path=final, sha256=sha256_of(partial), size=partial.stat().st_size,
+                  created_at=created_at, source=str(instance.path), schema_version=version,
+                  reason=reason, sqlite_version=sqlite3.sqlite_version, verified=not problems)
+
+
+def write_manifest(backup: Backup, partial: Path) -> None:
+    """Manifest first, then the database file: a backup is a .db with its .json."""
+    manifest = Path(f"{backup.path}.json")
+    temporary = Path(f"{manifest}.partial")
+    fd = os.open(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(backup.manifest(), handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(manifest)
+    partial.replace(backup.path)
+
+
+def discard(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+    return str(exc)
+
+
+def read_manifest(path: Path) -> Backup | None:
+    """The backup at path, or None when it has no readable manifest."""
+    try:
+        data = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))
+        return Backup(path=Path(os.path.abspath(path)), sha256=str(data["sha256"]),
+                      size=int(data["size"]), created_at=str(data["created_at"]),
+                      source=str(data["source"]), schema_version=data.get("schema_version"),
+                      reason=str(data["reason"]), sqlite_version=str(data.get("sqlite_version", "")),
+                      verified=data.get("verified") is True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def list_backups(instance: Instance) -> list[Backup]:
+    """Complete backups (file and manifest), newest first."""
+    folder = instance.backup_folder
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") or not BACKUP_NAME.fullmatch(entry.name):
+            continue
+        backup = read_manifest(Path(entry.path))
+        if backup is not None:
+            found.append(backup)
+    return sorted(found, key=lambda b: (b.created_at, b.path.name), reverse=True)
+
+
+def newest_backup_time(instance: Instance) -> str | None:
+    """created_at of the newest backup, from file names alone (no manifest reads)."""
+    folder = instance.backup_folder
+    try:
+        names = [e.name for e in os.scandir(folder)
+                 if not e.name.startswith(".") and BACKUP_NAME.fullmatch(e.name)
+                 and os.path.exists(f"{e.path}.json")]
+    except OSError:
+        return None
+    if not names:
+        return None
+    stamp = max(BACKUP_NAME.fullmatch(n).group("stamp") for n in names)
+    return (f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:"
+            f"{stamp[13:15]}.{stamp[15:21]}Z")
+
+
+def find_backup(instance: Instance, file: str | None) -> Backup:
+    """The named backup (a path or a bare file name in the folder), or the newest."""
+    if not file:
+        backups = list_backups(instance)
+        if not backups:
+            raise CommandError(f"{instance.name}: no backups in {instance.backup_folder}; "
+                               f"make one with 'backup {instance.name}'")
+        return backups[0]
+    path = Path(file)
+    if not path.exists() and len(path.parts) == 1:
+        path = instance.backup_folder / file
+    if not path.is_file():
+        raise CommandError(f"{instance.name}: no backup file {file}; "
+                           f"see 'list-backups {instance.name}'")
+    backup = read_manifest(path)
+    if backup is None:
+        raise CommandError(f"{path}: no readable manifest {path}.json; it is not a complete "
+                           f"backup and cannot be verified")
+    return backup
+
+
+def verify_backup(backup: Backup) -> list[str]:
+    """Problems with a backup: checksum, size or integrity; empty when it is sound."""
+    try:
+        size = backup.path.stat().st_size
+        if size != backup.size:
+            return [f"size is {size}, manifest says {backup.size}"]
+        digest = sha256_of(backup.path)
+        if digest != backup.sha256.lower():
+            return [f"SHA-256 is {digest}, manifest says {backup.sha256}"]
+        with open(backup.path, "rb") as handle:
+            if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                return ["not an SQLite database"]
+        with closing(open_path(backup.path, readonly=True)) as conn:
+            return [f"integrity: {p}" for p in integrity_problems(conn)]
+    except (OSError, sqlite3.Error, CommandError) as exc:
+        return [f"cannot read: {describe_error(exc)}"]
+
+
+def restore_backup(instance: Instance, backup: Backup) -> list[str]:
+    """Copy backup into the live database in place; returns integrity problems after."""
+    with closing(open_path(backup.path, readonly=True)) as source, \
+            closing(connect(instance)) as live:
+        try:
+            source.backup(live, pages=-1)
+        except sqlite3.Error as exc:
+            raise CommandError(f"{instance.name}: restore failed: {exc}; the database is "
+                               f"unchanged") from exc
+        return integrity_problems(live)
+
+
+def prune_backups(instance: Instance, keep: int, spare: Path | None = None) -> list[Backup]:
+    """Backups beyond the newest `keep` (never `spare`, never a live database)."""
+    if keep <= 0:
+        return []
+    backups = [b for b in list_backups(instance) if b.path != spare]
+    room = keep - 1 if spare is not None else keep
+    return [b for b in backups[room:] if b.path.resolve() != instance.path.resolve()]
+
+
+def remove_backups(backups: list[Backup]) -> None:
+    for backup in backups:
+        try:
+            backup.path.unlink()
+            Path(f"{backup.path}.json").unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CommandError(f"cannot remove {backup.path}: {exc.strerror}") from exc
+
+
+def backup_with_retention(instance: Instance, reason: str, progress: bool = False) -> tuple[Backup, list[Backup]]:
+    backup = create_backup(instance, reason, progress)
+    removed = prune_backups(instance, instance.keep_backups, spare=backup.path)
+    remove_backups(removed)
+    return backup, removed
+
+
+# --- Checks and information --------------------------------------------------
+
+def check_database(instance: Instance, quick: bool = False) -> list[str]:
+    with closing(open_readonly(instance)) as conn:
+        return integrity_problems(conn, quick) + foreign_key_problems(conn)
+
+
+def database_info(instance: Instance) -> Info:
+    with closing(open_readonly(instance)) as conn:
+        def pragma(name: str):
+            return conn.execute(f"PRAGMA {name}").fetchone()[0]
+        try:
+            tables = tuple(describe_table(conn, name) for (name,) in conn.execute(TABLES_SQL).fetchall())
+            objects = {kind: tuple(name for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = ? AND name NOT LIKE 'sqlite_%' "
+                "ORDER BY name", (kind,))) for kind in ("index", "view", "trigger")}
+            info = Info(instance=instance, size=instance.path.stat().st_size,
+                        page_size=pragma("page_size"), page_count=pragma("page_count"),
+                        freelist_count=pragma("freelist_count"), journal_mode=pragma("journal_mode"),
+                        schema_version=schema_version(conn), tables=tables,
+                        indexes=objects["index"], views=objects["view"],
+                        triggers=objects["trigger"], backups=tuple(list_backups(instance)))
+        except sqlite3.DatabaseError as exc:
+            raise CommandError(f"{instance.name}: cannot read {instance.path}: {exc}") from exc
+    return info
+
+
+def describe_table(conn: sqlite3.Connection, name: str) -> Table:
+    quoted = '"' + name.replace('"', '""') + '"'
+    rows = conn.execute(f"SELECT COUNT(*) FROM {quoted}").fetchone()[0]
+    columns = tuple(row[1] for row in conn.execute(f"PRAGMA table_info({quoted})"))
+    return Table(name=name, rows=rows, columns=columns)
+
+
+# --- Audit trail -------------------------------------------------------------
+
+def record_history(instance: Instance, entry: dict) -> None:
+    """Append one line to <backup_dir>/<name>/history.jsonl; never fails the command."""
+    line = {"time": utc_now()[1], "user": current_user(), "host": socket.gethostname(),
+            "command": " ".join(sys.argv), "instance": instance.name, **entry}
+    try:
+        make_private_folder(instance.home)
+        fd = os.open(instance.home / "history.jsonl", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+    except (OSError, CommandError) as exc:
+        print(f"{PROG}: warning: history not written: {exc}", file=sys.stderr)
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - getuser raises several types when no name is known
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+@contextmanager
+def audited(instance: Instance, command: str, before: int | None = None) -> Iterator[dict]:
+    """Record the command's outcome in history.jsonl, failure included."""
+    entry: dict = {"operation": command, "version_before": before, "version_after": before,
+                   "backup": None}
+    started = time.perf_counter()
+    try:
+        yield entry
+        entry["outcome"] = "ok"
+    except CommandError as exc:
+        entry["outcome"] = f"failed: {exc}"
+        raise
+    except BaseException as exc:
+        entry["outcome"] = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        record_history(instance, entry)
+
+
+def read_history(instance: Instance) -> list[dict]:
+    path = instance.home / "history.jsonl"
+    if not path.is_file():
+        return []
+    entries = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+    return entries
+
+
+# --- Presentation ------------------------------------------------------------
+
+def emit(args: argparse.Namespace, text: str, data: dict) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif not getattr(args, "quiet", False) and text:
+        print(text)
+
+
+def confirm(args: argparse.Namespace, instance: Instance, question: str) -> None:
+    """Ask on a terminal; refuse without one unless --yes. Prompts go to stderr."""
+    if getattr(args, "yes", False):
+        return
+    if not sys.stdin or not sys.stdin.isatty():
+        raise CommandError(f"{instance.name}: {question} needs confirmation and there is no "
+                           f"terminal to ask; add --yes to proceed")
+    if instance.protected:
+        print(f"{question}\n{instance.name} is protected: type its name to proceed: ",
+              end="", file=sys.stderr, flush=True)
+        answer, wanted = sys.stdin.readline().strip(), instance.name
+    else:
+        print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+        answer, wanted = sys.stdin.readline().strip().lower(), "y"
+    if answer not in (wanted, "yes" if wanted == "y" else wanted):
+        raise CommandError(f"{instance.name}: not confirmed; nothing changed")
+
+
+def backup_as_json(instance: Instance, backup: Backup) -> dict:
+    return {"name": instance.name, "path": str(backup.path), "size": backup.size,
+            "sha256": backup.sha256, "seconds": round(backup.seconds, 3),
+            "reason": backup.reason, "verified": backup.verified,
+            "created_at": backup.created_at, "schema_version": backup.schema_version}
+
+
+def format_backup(instance: Instance, backup: Backup, removed: list[Backup]) -> str:
+    lines = [f"{instance.name}: backup {backup.path} ({human_size(backup.size)}, "
+             f"{backup.seconds:.2f}s){'' if backup.verified else ' UNVERIFIED'}"]
+    if removed:
+        lines.append(f"{instance.name}: removed {len(removed)} old backup(s) "
+                     f"(keep_backups = {instance.keep_backups})")
+    return "\n".join(lines)
+
+
+def listing_as_json(backup: Backup) -> dict:
+    return {"path": str(backup.path), "created_at": backup.created_at, "size": backup.size,
+            "schema_version": backup.schema_version, "reason": backup.reason,
+            "sha256": backup.sha256, "verified": backup.verified}
+
+
+def format_listing(instance: Instance, backups: list[Backup]) -> str:
+    if not backups:
+        return f"{instance.name}: no backups in {instance.backup_folder}"
+    lines = [f"{'file':<52} {'created (UTC)':<27} {'size':>10} {'version':>7}  reason"]
+    for b in backups:
+        version = "?" if b.schema_version is None else str(b.schema_version)
+        lines.append(f"{b.path.name:<52} {b.created_at:<27} {human_size(b.size):>10} "
+                     f"{version:>7}  {b.reason}")
+    return "\n".join(lines)
+
+
+def info_as_json(info: Info) -> dict:
+    return {"name": info.instance.name, "path": str(info.instance.path), "size": info.size,
+            "sqlite_version": sqlite3.sqlite_version, "page_size": info.page_size,
+            "page_count": info.page_count, "freelist_count": info.freelist_count,
+            "journal_mode": info.journal_mode, "schema_version": info.schema_version,
+            "tables": [{"name": t.name, "rows": t.rows, "columns": list(t.columns)}
+                       for t in info.tables],
+            "indexes": list(info.indexes), "views": list(info.views),
+            "triggers": list(info.triggers),
+            "backups": {"count": len(info.backups),
+                        "newest": str(info.backups[0].path) if info.backups else None}}
+
+
+def format_info(info: Info) -> str:
+    newest = info.backups[0] if info.backups else None
+    lines = [f"instance:       {info.instance.name}",
+             f"path:           {info.instance.path}",
+             f"size:           {human_size(info.size)} ({info.size} bytes)",
+             f"sqlite:         {sqlite3.sqlite_version}",
+             f"pages:          {info.page_count} x {info.page_size} bytes, "
+             f"{info.freelist_count} free",
+             f"journal mode:   {info.journal_mode}",
+             f"schema version: {info.schema_version}",
+             f"backups:        {len(info.backups)}"
+             + (f", newest {newest.created_at} ({newest.path.name})" if newest else ""),
+             "tables:"]
+    width = max((len(t.name) for t in info.tables), default=0)
+    lines += [f"  {t.name:<{width}}  {t.rows:>9} rows  {', '.join(t.columns)}" for t in info.tables]
+    for label, names in (("indexes", info.indexes), ("views", info.views),
+                         ("triggers", info.triggers)):
+        lines.append(f"{label + ':':<15} {', '.join(names) if names else '-'}")
+    return "\n".join(lines)
+
+
+# --- Commands ----------------------------------------------------------------
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    config = find_config(args.config)
+    instances = load_instances(config)
+    if args.all == bool(args.name):
+        raise CommandError("backup needs NAME or --all (not both)", EXIT_USAGE)
+    chosen = instances if args.all else select_instances(instances, args.name, config)
+    progress = sys.stderr.isatty() and not args.quiet and not args.json
+    results, failed = [], 0
+    for instance in chosen:
+        try:
+            backup, removed = locked_backup(instance, progress)
+        except CommandError as exc:
+            if len(chosen) == 1:
+                raise
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append(backup_as_json(instance, backup))
+        if not backup.verified:
+            failed += 1
+            print(f"{PROG}: error: {instance.name}: the copy failed its integrity check; it is "
+                  f"kept for forensics as {backup.path}, marked unverified; see "
+                  f"'check {instance.name}'", file=sys.stderr)
+        if not args.json:
+            emit(args, format_backup(instance, backup, removed), {})
+    if args.json:
+        single = len(chosen) == 1 and not args.all
+        emit(args, "", results[0] if single else {"backups": results})
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def locked_backup(instance: Instance, progress: bool = False) -> tuple[Backup, list[Backup]]:
+    """The backup command for one instance: lock, back up, retention, audit line."""
+    with instance_lock(instance, "backup"), audited(instance, "backup") as entry:
+        require_database(instance)
+        backup, removed = backup_with_retention(instance, "manual", progress)
+        entry.update(backup=str(backup.path), version_before=backup.schema_version,
+                     version_after=backup.schema_version, removed=[str(b.path) for b in removed])
+        if not backup.verified:
+            entry["outcome"] = "failed: backup copy failed its integrity check"
+    return backup, removed
+
+
+def cmd_list_backups(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    backups = list_backups(instance)
+    emit(args, format_listing(instance, backups),
+         {"name": instance.name, "backups": [listing_as_json(b) for b in backups]})
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    backup = find_backup(instance, args.file)
+    problems = verify_backup(backup)
+    text = (f"{instance.name}: {backup.path} is sound (SHA-256 and integrity check ok)"
+            if not problems else "\n".join(f"{instance.name}: {backup.path}: {p}" for p in problems))
+    emit(args, text, {"name": instance.name, "path": str(backup.path),
+                      "verified": not problems, "problems": problems})
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    backup = find_backup(instance, args.file)
+    problems = verify_backup(backup)
+    if problems:
+        raise CommandError(f"{instance.name}: {backup.path} failed verification ({problems[0]}); "
+                           f"nothing restored; choose another with 'list-backups {instance.name}'")
+    require_database(instance)
+    confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
+                            f"with {backup.path.name}?")
+    with instance_lock(instance, "restore"), audited(instance, "restore") as entry:
+        with closing(open_readonly(instance)) as conn:
+            entry["version_before"] = schema_version(conn)
+        safety = create_backup(instance, "pre-restore")
+        entry["backup"] = str(safety.path)
+        entry["restored_from"] = str(backup.path)
+        after = restore_backup(instance, backup)
+        entry["version_after"] = backup.schema_version
+        if after:
+            raise CommandError(f"{instance.name}: integrity check after restore failed: {after[0]}; "
+                               f"the replaced contents are in {safety.path}")
+    emit(args, f"{instance.name}: restored {backup.path.name} (schema version "
+               f"{backup.schema_version}); the replaced contents are in {safety.path}",
+         {"name": instance.name, "path": str(instance.path), "restored_from": str(backup.path),
+          "schema_version": backup.schema_version, "pre_restore_backup": str(safety.path),
+          "seconds": round(safety.seconds, 3)})
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    problems = check_database(instance, args.quick)
+    kind = "quick_check" if args.quick else "integrity_check"
+    text = (f"{instance.name}: ok ({kind} and foreign_key_check)" if not problems
+            else "\n".join(f"{instance.name}: {p}" for p in problems))
+    emit(args, text, {"name": instance.name, "path": str(instance.path), "ok": not problems,
+                      "problems": problems})
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = database_info(get_instance(args))
+    emit(args, format_info(info), info_as_json(info))
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    keep = instance.keep_backups if args.keep is None else args.keep
+    if keep < 1:
+        raise CommandError(f"{instance.name}: nothing to prune with keep = {keep}; give --keep N "
+                           f"(1 or more)", EXIT_USAGE if args.keep is not None else EXIT_OK)
+    doomed = prune_backups(instance, keep)
+    if doomed and not args.dry_run:
+        confirm(args, instance, f"Remove {len(doomed)} old backup(s) of {instance.name}, "
+                                f"keeping the newest {keep}?")
+        with instance_lock(instance, "prune"), audited(instance, "prune") as entry:
+            doomed = prune_backups(instance, keep)
+            entry["removed"] = [str(b.path) for b in doomed]
+            remove_backups(doomed)
+    verb = "would remove" if args.dry_run else "removed"
+    text = "\n".join([f"{instance.name}: {verb} {b.path.name}" for b in doomed]
+                     + [f"{instance.name}: {verb} {len(doomed)} backup(s), keeping {keep}"])
+    emit(args, text, {"name": instance.name, "keep": keep, "dry_run": args.dry_run,
+                      "removed": [str(b.path) for b in doomed]})
+    return EXIT_OK
+
+
+# --- Parser and main ---------------------------------------------------------
+
+def common_options(on_subcommand: bool) -> argparse.ArgumentParser:
+    """Global options, accepted before and after the command."""
+    extra = {"default": argparse.SUPPRESS} if on_subcommand else {}
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", type=Path, metavar="PATH",
+                         help="instance registry (default: ./instances.ini)", **extra)
+    options.add_argument("--json", action="store_true", help="one JSON document on stdout", **extra)
+    options.add_argument("-q", "--quiet", action="store_true", help="errors only (for cron)", **extra)
+    options.add_argument("-y", "--yes", action="store_true", help="answer yes to confirmations",
+                         **extra)
+    return options
+
+
+def add_command(commands, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, parents=[common_options(True)], help=help_text,
+                                 description=help_text)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     parents=[common_options(False)])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    backup = add_command(commands, "backup", cmd_backup, "verified backup of one instance or all")
+    backup.add_argument("name", metavar="NAME", nargs="?")
+    backup.add_argument("--all", action="store_true", help="every instance, in file order")
+    add_command(commands, "list-backups", cmd_list_backups,
+                "an instance's backups, newest first").add_argument("name", metavar="NAME")
+    verify = add_command(commands, "verify", cmd_verify, "check a backup's SHA-256 and integrity")
+    verify.add_argument("name", metavar="NAME")
+    verify.add_argument("file", metavar="FILE", nargs="?", help="default: the newest backup")
+    restore = add_command(commands, "restore", cmd_restore,
+                          "put a verified backup's contents back into the live database")
+    restore.add_argument("name", metavar="NAME")
+    restore.add_argument("file", metavar="FILE", nargs="?", help="default: the newest backup")
+    check = add_command(commands, "check", cmd_check, "integrity and foreign-key check")
+    check.add_argument("name", metavar="NAME")
+    check.add_argument("--quick", action="store_true", help="quick_check instead of integrity_check")
+    add_command(commands, "info", cmd_info, "what is in a database").add_argument("name", metavar="NAME")
+    prune = add_command(commands, "prune", cmd_prune, "remove backups beyond the newest N")
+    prune.add_argument("name", metavar="NAME")
+    prune.add_argument("--keep", type=int, metavar="N", help="default: keep_backups from the ini")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> int:
+    """Parse, dispatch, and turn a CommandError or OS error into one line and an exit code."""
+    args = parser.parse_args(argv)
+    for option in ("config", "json", "quiet", "yes"):
+        if not hasattr(args, option):
+            setattr(args, option, None if option == "config" else False)
+    try:
+        return args.handler(args)
+    except CommandError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"{prog}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), PROG, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
