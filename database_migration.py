@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import os
 import re
 import shutil
 import sqlite3
@@ -19,16 +18,16 @@ import sys
 import tempfile
 import time
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, CommandError,
-                            Instance, audited, backup_with_retention, common_options, confirm,
-                            connect, emit, find_config, get_instance, human_size, instance_lock,
-                            integrity_problems, load_instances, locked_backup, open_path,
-                            open_readonly, read_history, require_database, run, select_instances,
-                            backup_as_json, format_backup, newest_backup_time)
+                            Instance, audited, backup_with_retention, cmd_backup, common_options,
+                            confirm, connect, emit, find_config, get_instance, instance_lock,
+                            integrity_problems, load_instances, newest_backup_time, open_readonly,
+                            read_config, read_history, require_database, resolve, run,
+                            select_instances)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -470,16 +469,16 @@ def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> d
 
 
 def compare_schemas(expected: dict[str, str], actual: dict[str, str],
-                    here: str = "database", there: str = "migrations") -> tuple[str, ...]:
+                    here: str = "the database", there: str = "the migrations") -> tuple[str, ...]:
+    """What differs between two normalised schemas, one line per object."""
     lines = []
     for key in sorted(set(expected) | set(actual)):
         if key not in expected:
-            lines.append(f"{key} is in the {here} but not in the {there}")
+            lines.append(f"{key}: only in {here}")
         elif key not in actual:
-            lines.append(f"{key} is in the {there} but missing from the {here}")
+            lines.append(f"{key}: missing from {here} (it is in {there})")
         elif expected[key] != actual[key]:
-            lines.append(f"{key} differs: {there} has ({expected[key]}), "
-                         f"{here} has ({actual[key]})")
+            lines.append(f"{key}: differs: {there} has ({expected[key]}); {here} has ({actual[key]})")
     return tuple(lines)
 
 
@@ -677,13 +676,19 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
-               backup_note: str = "") -> list[int]:
+               backup_note: str = "", expected: dict[str, str] | None = None) -> list[int]:
     """All of the plan in one transaction, checked before COMMIT; nothing on failure."""
     with migration_transaction(conn):
         before = row_counts(conn)
         ensure_tracking_table(conn, migrations)
         done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True)
         check_before_commit(conn, plan, before, backup_note)
+        if expected is not None:
+            differences = compare_schemas(expected, schema_of(conn))
+            if differences:
+                raise CommandError(f"after the down parts the schema is not that of version "
+                                   f"{plan.to_version}: {differences[0]}; rolled back, nothing "
+                                   f"changed{backup_note}")
     return done
 
 
@@ -749,10 +754,131 @@ def shape_changes(before: dict, after: dict) -> dict:
     }
 
 
+# --- Rollback and baseline ---------------------------------------------------
+
+def plan_rollback(state: State, target: int) -> Plan:
+    name, current = state.instance.name, state.current_version or 0
+    if target >= current:
+        raise CommandError(f"{name}: at version {current}; --to {target} is not below it, "
+                           f"nothing to roll back", EXIT_USAGE if target > current else EXIT_FAILED)
+    known = {m.version: m for m in all_migrations(state.instance)}
+    undo = tuple(known[a.version] for a in reversed(state.applied) if a.version > target)
+    lacking = [m.label for m in undo if not m.has_down]
+    if lacking:
+        raise CommandError(f"{name}: cannot roll back: no down part in {', '.join(lacking)}; "
+                           f"nothing changed; to go back, restore a backup taken before it "
+                           f"('safe_db_update.py list-backups {name}', then 'restore {name} FILE')")
+    return Plan(instance=state.instance, from_version=current, to_version=target,
+                migrations=undo, destructive=destructive_statements(undo, "down"), direction="down")
+
+
+def rollback_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
+    migrations = all_migrations(instance)
+    started = time.perf_counter()
+    with audited(instance, "rollback") as entry:
+        require_database(instance)
+        state = inspect(instance, migrations, quick_check=True, with_drift=False)
+        refuse_unsafe(state)
+        plan = plan_rollback(state, args.to)
+        entry.update(version_before=plan.from_version, version_after=plan.from_version)
+        if plan.destructive:
+            confirm_destructive(args, plan)
+        with instance_lock(instance, "rollback"):
+            backup, _ = backup_with_retention(instance, "pre-rollback")
+            entry["backup"] = str(backup.path)
+            if not backup.verified:
+                raise CommandError(f"{instance.name}: the pre-rollback backup failed its integrity "
+                                   f"check ({backup.path}); nothing changed")
+            expected = expected_schema(migrations, tuple(a.version for a in state.applied
+                                                         if a.version <= plan.to_version))
+            with closing(connect(instance)) as conn:
+                undone = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", expected)
+        entry["version_after"] = plan.to_version
+    return Outcome(plan, tuple(undone), backup, time.perf_counter() - started)
+
+
+def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tuple[str, ...], Backup]:
+    """Record 1..V as applied without running them, once the schema matches."""
+    migrations = all_migrations(instance)
+    if args.to not in {m.version for m in migrations}:
+        raise CommandError(f"{instance.name}: --to {args.to}: no such migration", EXIT_USAGE)
+    chosen = [m for m in migrations if m.version <= args.to]
+    with audited(instance, "baseline") as entry:
+        require_database(instance)
+        with closing(open_readonly(instance)) as conn:
+            if read_applied(conn):
+                raise CommandError(f"{instance.name}: versions are already recorded; baseline is "
+                                   f"only for a database that predates the tool (see 'check')")
+            expected = expected_schema(migrations, tuple(m.version for m in chosen))
+            differences = compare_schemas(expected or {}, schema_of(conn))
+        entry.update(version_before=0, version_after=0, differences=list(differences))
+        if differences and not args.force:
+            raise CommandError(f"{instance.name}: the schema does not match migrations up to "
+                               f"{args.to} ({len(differences)} difference(s); first: "
+                               f"{differences[0]}); nothing recorded; --force records anyway")
+        with instance_lock(instance, "baseline"):
+            backup, _ = backup_with_retention(instance, "pre-migrate")
+            entry["backup"] = str(backup.path)
+            with closing(connect(instance)) as conn, migration_transaction(conn):
+                ensure_tracking_table(conn, migrations)
+                conn.executemany(RECORD_APPLIED, [(m.version, m.description, m.checksum, 0)
+                                                  for m in chosen])
+        entry["version_after"] = args.to
+    return differences, backup
+
+
+# --- New migration files -----------------------------------------------------
+
+SQL_TEMPLATE = """-- {description}
+-- migrate:up
+
+
+-- migrate:down
+
+"""
+PYTHON_TEMPLATE = '''"""{description}: a data migration; it runs inside the migration run's transaction."""
+
+# DESTRUCTIVE = True    # uncomment if up() deletes rows: the run will ask for confirmation
+
+
+# Write up(conn) before running anything: until then every command refuses this file.
+# def up(conn):
+#     for (loan_id, amount) in conn.execute("SELECT id, amount FROM loan").fetchall():
+#         conn.execute("UPDATE loan SET new_field = ? WHERE id = ?", (str(amount), loan_id))
+
+
+# def down(conn):
+#     conn.execute("UPDATE loan SET new_field = NULL")
+'''
+
+
+def new_migration_path(folder: Path, description: str, python: bool) -> Path:
+    """The next file in the folder's own numbering style: NNNN, or a 14-digit UTC timestamp."""
+    slug = re.sub(r"[^a-z0-9]+", "_", description.lower()).strip("_")
+    if not slug:
+        raise CommandError(f"'{description}' makes no file name; use letters and digits", EXIT_USAGE)
+    matches = [MIGRATION_FILE.fullmatch(p.name) for p in sorted(folder.iterdir())] \
+        if folder.is_dir() else []
+    existing = [int(m["version"]) for m in matches if m] + \
+        [e["version"] for e in MIGRATIONS if isinstance(e, dict) and isinstance(e.get("version"), int)]
+    if existing and all(len(str(v)) == 14 for v in existing):
+        number = str(max(int(time.strftime("%Y%m%d%H%M%S", time.gmtime())), max(existing) + 1))
+    else:
+        number = f"{max(existing, default=0) + 1:04d}"
+    return folder / f"{number}_{slug}.{'py' if python else 'sql'}"
+
+
 # --- Migrate -----------------------------------------------------------------
 
 def migrate_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
-    """The six steps of migrate for one instance."""
+    """The six steps of migrate for one instance; every real run is in the audit trail."""
+    if args.dry_run:
+        return migrate_steps(args, instance, {})
+    with audited(instance, "migrate") as entry:
+        return migrate_steps(args, instance, entry)
+
+
+def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> Outcome:
     migrations = all_migrations(instance)
     started = time.perf_counter()
     missing = not instance.path.exists()
@@ -764,6 +890,7 @@ def migrate_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
     state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
     refuse_unsafe(state)
     plan = plan_migrate(state, args.to, create=missing)
+    entry.update(version_before=state.current_version, version_after=state.current_version)
     if args.dry_run:
         rehearsal = rehearse(plan, migrations) if plan.migrations else None
         return Outcome(plan, tuple(m.version for m in plan.migrations), None,
@@ -771,9 +898,8 @@ def migrate_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
     if not plan.migrations:
         return Outcome(plan, (), None, time.perf_counter() - started)
     if plan.destructive:
-        confirm(args, instance, destructive_question(plan))
-    with instance_lock(instance, "migrate"), \
-            audited(instance, "migrate", plan.from_version) as entry:
+        confirm_destructive(args, plan)
+    with instance_lock(instance, "migrate"):
         backup, applied = locked_migrate(instance, migrations, plan, entry)
     return Outcome(plan, tuple(applied), backup, time.perf_counter() - started)
 
@@ -804,11 +930,14 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
     return backup, applied
 
 
-def destructive_question(plan: Plan) -> str:
+def confirm_destructive(args: argparse.Namespace, plan: Plan) -> None:
+    """List the destructive statements, then ask (or refuse without a terminal)."""
     lines = [f"{plan.instance.name}: these statements can destroy data:"]
     lines += [f"  {version:04d}  {kind}: {' '.join(text.split())[:120]}"
               for version, kind, text in plan.destructive]
-    return "\n".join(lines + ["Apply them?"])
+    verb = "Apply" if plan.direction == "up" else "Run the down parts with"
+    confirm(args, plan.instance, f"{verb} {len(plan.destructive)} destructive statement(s)?",
+            "\n".join(lines))
 
 
 # --- Presentation ------------------------------------------------------------
@@ -1012,13 +1141,67 @@ def cmd_migrate_all(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failures else EXIT_OK
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
+def cmd_rollback(args: argparse.Namespace) -> int:
+    outcome = rollback_instance(args, get_instance(args))
+    name = outcome.plan.instance.name
+    text = "\n".join([f"{name}: rolled back {m.label}" for m in outcome.plan.migrations]
+                     + [f"{name}: now at version {outcome.plan.to_version} (was "
+                        f"{outcome.plan.from_version}), {outcome.seconds:.2f}s; backup: "
+                        f"{outcome.backup.path}"])
+    emit(args, text, {**outcome_as_json(outcome), "rolled_back": list(outcome.applied)})
+    return EXIT_OK
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
     instance = get_instance(args)
-    backup, removed = locked_backup(instance, sys.stderr.isatty() and not args.quiet and not args.json)
-    emit(args, format_backup(instance, backup, removed), backup_as_json(instance, backup))
-    if not backup.verified:
-        raise CommandError(f"{instance.name}: the copy failed its integrity check; kept for "
-                           f"forensics as {backup.path}, marked unverified")
+    differences, backup = baseline_instance(args, instance)
+    lines = [f"{instance.name}: warning: recorded despite: {d}" for d in differences]
+    lines.append(f"{instance.name}: recorded migrations up to {args.to} as applied (nothing was "
+                 f"run); backup: {backup.path}")
+    emit(args, "\n".join(lines), {"name": instance.name, "path": str(instance.path),
+                                  "to_version": args.to, "forced": bool(differences),
+                                  "differences": list(differences), "backup": str(backup.path)})
+    return EXIT_OK
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    config = find_config(args.config)
+    folder = resolve(config.parent, read_config(config).defaults()["migrations_dir"])
+    path = new_migration_path(folder, args.description, args.python)
+    template = PYTHON_TEMPLATE if args.python else SQL_TEMPLATE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as handle:
+            handle.write(template.format(description=args.description))
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
+    emit(args, f"wrote {path}; fill in its up part (until then every command refuses it)",
+         {"path": str(path), "version": int(path.name.split("_", 1)[0])})
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    schemas = []
+    for name in (args.name, args.other):
+        instance = get_instance(args, name)
+        with closing(open_readonly(instance)) as conn:
+            schemas.append(schema_of(conn))
+    differences = compare_schemas(schemas[1], schemas[0], here=args.name, there=args.other)
+    text = "\n".join(differences) or f"{args.name} and {args.other} have the same schema"
+    emit(args, text, {"name": args.name, "other": args.other, "same": not differences,
+                      "differences": list(differences)})
+    return EXIT_FAILED if differences else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    instance = get_instance(args)
+    entries = read_history(instance)
+    lines = [f"{e.get('time', '?')}  {e.get('user', '?')}@{e.get('host', '?')}  "
+             f"{e.get('operation', '?'):<8}  {e.get('version_before')} -> {e.get('version_after')}  "
+             f"{e.get('outcome', '?')}  ({e.get('seconds', 0)}s)"
+             + (f"  backup: {e['backup']}" if e.get("backup") else "") for e in entries]
+    emit(args, "\n".join(lines) or f"{instance.name}: no history yet",
+         {"name": instance.name, "entries": entries})
     return EXIT_OK
 
 
@@ -1065,7 +1248,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_migrate_options(migrate_all)
     migrate_all.add_argument("--keep-going", action="store_true",
                              help="go on with the next instance after a failure")
-    add_command(commands, "backup", cmd_backup, "verified backup of one instance"
+    backup = add_command(commands, "backup", cmd_backup, "verified backup (as safe_db_update.py backup)")
+    backup.add_argument("name", metavar="NAME", nargs="?")
+    backup.add_argument("--all", action="store_true", help="every instance, in file order")
+    baseline = add_command(commands, "baseline", cmd_baseline,
+                           "record migrations up to V as applied, for a database that predates the tool")
+    baseline.add_argument("name", metavar="NAME")
+    baseline.add_argument("--to", type=version_number, metavar="V", required=True)
+    baseline.add_argument("--force", action="store_true",
+                          help="record even though the schema differs (the differences are listed)")
+    rollback = add_command(commands, "rollback", cmd_rollback,
+                           "run the down parts above V, newest first, after a backup")
+    rollback.add_argument("name", metavar="NAME")
+    rollback.add_argument("--to", type=version_number, metavar="V", required=True)
+    new = add_command(commands, "new", cmd_new, "write the next numbered migration file")
+    new.add_argument("description", metavar="DESCRIPTION")
+    new.add_argument("--python", action="store_true", help="a .py migration with up(conn)")
+    diff = add_command(commands, "diff", cmd_diff, "compare two instances' schemas")
+    diff.add_argument("name", metavar="NAME")
+    diff.add_argument("other", metavar="OTHER")
+    add_command(commands, "history", cmd_history, "the instance's audit trail"
                 ).add_argument("name", metavar="NAME")
     return parser
 

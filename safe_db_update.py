@@ -765,21 +765,23 @@ def emit(args: argparse.Namespace, text: str, data: dict) -> None:
         print(text)
 
 
-def confirm(args: argparse.Namespace, instance: Instance, question: str) -> None:
+def confirm(args: argparse.Namespace, instance: Instance, question: str, details: str = "") -> None:
     """Ask on a terminal; refuse without one unless --yes. Prompts go to stderr."""
     if getattr(args, "yes", False):
         return
+    if details:
+        print(details, file=sys.stderr)
     if not sys.stdin or not sys.stdin.isatty():
         raise CommandError(f"{instance.name}: {question} needs confirmation and there is no "
                            f"terminal to ask; add --yes to proceed")
     if instance.protected:
         print(f"{question}\n{instance.name} is protected: type its name to proceed: ",
               end="", file=sys.stderr, flush=True)
-        answer, wanted = sys.stdin.readline().strip(), instance.name
+        confirmed = sys.stdin.readline().strip() == instance.name
     else:
         print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
-        answer, wanted = sys.stdin.readline().strip().lower(), "y"
-    if answer not in (wanted, "yes" if wanted == "y" else wanted):
+        confirmed = sys.stdin.readline().strip().lower() in ("y", "yes")
+    if not confirmed:
         raise CommandError(f"{instance.name}: not confirmed; nothing changed")
 
 
