@@ -165,8 +165,21 @@ def read_config(config: Path) -> configparser.ConfigParser:
         raise CommandError(f"{config}: cannot read: {exc}", EXIT_USAGE) from exc
     except configparser.Error as exc:
         first_line = str(exc).splitlines()[0]
+        if type(exc) is configparser.ParsingError and getattr(exc, "errors", None):
+            first_line = unparsable_line(config, exc.errors[0][0])
         raise CommandError(f"{config}: not a valid instances.ini: {first_line}", EXIT_USAGE) from exc
     return parser
+
+
+def unparsable_line(config: Path, lineno: int) -> str:
+    """'[section] line N: text is not ...' for the first line configparser could not read."""
+    lines = Path(config).read_text(encoding="utf-8").splitlines()
+    section = ""
+    for text in lines[:lineno - 1]:
+        header = re.match(r"\s*\[([^\]]*)\]", text)
+        section = f"[{header[1]}]: " if header else section
+    text = lines[lineno - 1].strip() if lineno <= len(lines) else ""
+    return f"{section}line {lineno}: '{text}' is not 'key = value' or a [section] header"
 
 
 def load_instances(config: Path) -> list[Instance]:
@@ -331,7 +344,7 @@ def instance_lock(instance: Instance, command: str) -> Iterator[None]:
     make_private_folder(instance.home)
     lock_path = instance.home / "lock"
     try:
-        handle = open(lock_path, "a+", encoding="utf-8")
+        handle = os.fdopen(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600), "r+", encoding="utf-8")
     except OSError as exc:
         raise CommandError(f"{instance.name}: cannot open lock file {lock_path}: {exc.strerror}") from exc
     with handle:
@@ -887,7 +900,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def locked_backup(instance: Instance, progress: bool = False) -> tuple[Backup, list[Backup]]:
     """The backup command for one instance: lock, back up, retention, audit line."""
-    with instance_lock(instance, "backup"), audited(instance, "backup") as entry:
+    with audited(instance, "backup") as entry, instance_lock(instance, "backup"):
         require_database(instance)
         backup, removed = backup_with_retention(instance, "manual", progress)
         entry.update(backup=str(backup.path), version_before=backup.schema_version,
@@ -926,7 +939,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     require_database(instance)
     confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
                             f"with {backup.path.name}?")
-    with instance_lock(instance, "restore"), audited(instance, "restore") as entry:
+    with audited(instance, "restore") as entry, instance_lock(instance, "restore"):
         with closing(open_readonly(instance)) as conn:
             entry["version_before"] = schema_version(conn)
         safety = create_backup(instance, "pre-restore")
@@ -972,7 +985,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if doomed and not args.dry_run:
         confirm(args, instance, f"Remove {len(doomed)} old backup(s) of {instance.name}, "
                                 f"keeping the newest {keep}?")
-        with instance_lock(instance, "prune"), audited(instance, "prune") as entry:
+        with audited(instance, "prune") as entry, instance_lock(instance, "prune"):
             doomed = prune_backups(instance, keep)
             entry["removed"] = [str(b.path) for b in doomed]
             remove_backups(doomed)
