@@ -9,6 +9,7 @@ it commits; see DATABASE_MIGRATION_README.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import importlib.util
 import re
@@ -1115,30 +1116,62 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_migrate_all(args: argparse.Namespace) -> int:
     instances = chosen_instances(args, None)
-    results, stopped = [], False
+    if args.jobs > 1:
+        results = migrate_in_parallel(args, instances)
+    else:
+        results = migrate_in_order(args, instances)
+    failures = [r for r in results if r["result"] == "failed"]
+    skipped = sum(r["result"] == "skipped" for r in results)
+    summary = (f"migrate-all: {len(results) - len(failures) - skipped} ok, {len(failures)} failed, "
+               f"{skipped} skipped")
+    summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
+    emit(args, summary, {"instances": results})
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def migrate_in_order(args: argparse.Namespace, instances: list[Instance]) -> list[dict]:
+    """One instance after another, stopping at the first failure unless --keep-going."""
+    results: list[dict] = []
+    stopped = False
     for instance in instances:
         if stopped:
             results.append({"name": instance.name, "result": "skipped", "error": None})
             continue
-        try:
-            outcome = migrate_instance(args, instance)
-        except CommandError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            results.append({"name": instance.name, "result": "failed", "error": str(exc)})
-            stopped = not args.keep_going
-            continue
-        failed = outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok
-        results.append({**outcome_as_json(outcome), "result": "failed" if failed else "ok",
-                        "error": outcome.rehearsal.error if failed else None})
-        if not args.json:
-            emit(args, format_outcome(outcome), {})
-        stopped = failed and not args.keep_going
-    failures = [r for r in results if r["result"] == "failed"]
-    summary = (f"migrate-all: {len(results) - len(failures) - sum(r['result'] == 'skipped' for r in results)}"
-               f" ok, {len(failures)} failed, {sum(r['result'] == 'skipped' for r in results)} skipped")
-    summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
-    emit(args, summary, {"instances": results})
-    return EXIT_FAILED if failures else EXIT_OK
+        result, text = migrate_one(args, instance)
+        if text and not args.json:
+            emit(args, text, {})
+        results.append(result)
+        stopped = result["result"] == "failed" and not args.keep_going
+    return results
+
+
+def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> list[dict]:
+    """--jobs N: N instances at once in separate processes; every instance is attempted."""
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(migrate_one, args, instance) for instance in instances]
+        results = []
+        for instance, future in zip(instances, futures):
+            try:
+                result, text = future.result()
+            except Exception as exc:  # noqa: BLE001 - a crashed worker fails its instance only
+                result, text = {"name": instance.name, "result": "failed",
+                                "error": f"{type(exc).__name__}: {exc}"}, ""
+            if text and not args.json:
+                emit(args, text, {})
+            results.append(result)
+    return results
+
+
+def migrate_one(args: argparse.Namespace, instance: Instance) -> tuple[dict, str]:
+    """migrate for one instance as a result row; errors are reported, not raised."""
+    try:
+        outcome = migrate_instance(args, instance)
+    except CommandError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return {"name": instance.name, "result": "failed", "error": str(exc)}, ""
+    failed = outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok
+    return ({**outcome_as_json(outcome), "result": "failed" if failed else "ok",
+             "error": outcome.rehearsal.error if failed else None}, format_outcome(outcome))
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -1166,6 +1199,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 def cmd_new(args: argparse.Namespace) -> int:
     config = find_config(args.config)
+    load_instances(config)              # a broken registry is exit 2 for every command
     folder = resolve(config.parent, read_config(config).defaults()["migrations_dir"])
     path = new_migration_path(folder, args.description, args.python)
     template = PYTHON_TEMPLATE if args.python else SQL_TEMPLATE
@@ -1221,6 +1255,12 @@ def version_number(text: str) -> int:
     return int(text)
 
 
+def positive_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number")
+    return int(text)
+
+
 def add_migrate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="show the plan and rehearse it on a temporary copy; change nothing")
@@ -1248,6 +1288,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_migrate_options(migrate_all)
     migrate_all.add_argument("--keep-going", action="store_true",
                              help="go on with the next instance after a failure")
+    migrate_all.add_argument("--jobs", type=positive_number, default=1, metavar="N",
+                             help="migrate N instances at once, in separate processes "
+                                  "(implies --keep-going)")
     backup = add_command(commands, "backup", cmd_backup, "verified backup (as safe_db_update.py backup)")
     backup.add_argument("name", metavar="NAME", nargs="?")
     backup.add_argument("--all", action="store_true", help="every instance, in file order")
