@@ -311,13 +311,29 @@ def connect(instance: Instance) -> sqlite3.Connection:
 
 
 def open_path(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqlite3.Connection:
-    uri = Path(os.path.abspath(path)).as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+    """Open an existing database (never create one); readonly connections cannot write."""
+    # A mode=ro connection to a WAL database that nobody has open creates -wal and -shm
+    # files it cannot remove; a query_only read-write connection removes them on close.
+    quiet_wal = readonly and is_wal(path) and not any(
+        os.path.exists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
+    mode = "ro" if readonly and not quiet_wal else "rw"
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout)
-        conn.execute("PRAGMA foreign_keys = ON")
+        conn = sqlite3.connect(f"{Path(os.path.abspath(path)).as_uri()}?mode={mode}", uri=True,
+                               isolation_level=None, timeout=timeout)
+        conn.execute("PRAGMA query_only = ON" if readonly else "PRAGMA foreign_keys = ON")
     except sqlite3.Error as exc:
         raise CommandError(f"cannot open {path}: {exc}") from exc
     return conn
+
+
+def is_wal(path: Path) -> bool:
+    """True when the file's header says WAL mode (bytes 18 and 19 are 2)."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18] == 2 and header[19] == 2
 
 
 def open_readonly(instance: Instance) -> sqlite3.Connection:
