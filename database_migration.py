@@ -12,6 +12,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
 import sqlite3
@@ -908,27 +909,45 @@ def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> 
 def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
                    entry: dict) -> tuple[Backup | None, list[int]]:
     if plan.create:
-        instance.path.parent.mkdir(parents=True, exist_ok=True)
-        if instance.path.exists():
-            raise CommandError(f"{instance.name}: {instance.path} appeared meanwhile; run again")
-        with closing(sqlite3.connect(instance.path)):
-            pass
-        backup, note = None, ""
-    else:
-        fresh = plan_migrate(inspect(instance, migrations, with_drift=False), plan.to_version)
-        if fresh.migrations != plan.migrations:
-            raise CommandError(f"{instance.name}: changed by someone else while we waited; "
-                               f"nothing done; run the command again")
-        backup, _ = backup_with_retention(instance, "pre-migrate")
-        if not backup.verified:
-            raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
-                               f"check ({backup.path}); nothing changed")
-        entry["backup"] = str(backup.path)
-        note = f"; backup: {backup.path}"
+        return None, create_database(instance, migrations, plan)
+    fresh = plan_migrate(inspect(instance, migrations, with_drift=False), plan.to_version)
+    if fresh.migrations != plan.migrations:
+        raise CommandError(f"{instance.name}: changed by someone else while we waited; "
+                           f"nothing done; run the command again")
+    backup, _ = backup_with_retention(instance, "pre-migrate")
+    entry["backup"] = str(backup.path)
+    if not backup.verified:
+        raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
+                           f"check ({backup.path}); nothing changed")
     with closing(connect(instance)) as conn:
-        applied = apply_plan(conn, plan, migrations, note)
+        applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}")
     entry["version_after"] = plan.to_version
     return backup, applied
+
+
+def create_database(instance: Instance, migrations: list[Migration], plan: Plan) -> list[int]:
+    """--create: build the new database under a hidden name, then link it into place.
+
+    A failed run leaves no file at the instance's path (only its hidden draft is
+    removed, never a database anyone could have used).
+    """
+    path = instance.path
+    draft = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(draft, isolation_level=None)) as conn:
+            applied = apply_plan(conn, plan, migrations)
+        os.link(draft, path)            # fails, rather than replace, if the path appeared
+    except FileExistsError:
+        raise CommandError(f"{instance.name}: {path} appeared while we were creating it; "
+                           f"nothing replaced; run migrate again") from None
+    except OSError as exc:
+        raise CommandError(f"{instance.name}: cannot create {path}: {exc.strerror}") from exc
+    finally:
+        for leftover in (draft, Path(f"{draft}-journal")):
+            if leftover.exists():
+                leftover.unlink()
+    return applied
 
 
 def confirm_destructive(args: argparse.Namespace, plan: Plan) -> None:

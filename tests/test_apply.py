@@ -129,6 +129,15 @@ class DryRunTests(ApplyTestCase):
         self.assertEqual(self.backups(), [])
         self.assertEqual(self.versions(), [1, 2])
 
+    def test_a_dry_run_of_an_idle_wal_database_leaves_no_file_beside_it(self) -> None:
+        with closing(sqlite3.connect(self.path)) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+        files, stat = self.files(), os.stat(self.path)
+        code, _, err = self.migrate("dev", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.files(), files)
+        self.assertEqual(os.stat(self.path).st_mtime_ns, stat.st_mtime_ns)
+
     def test_the_plan_shows_every_statement_with_destructive_ones_marked(self) -> None:
         code, out, _ = self.migrate("dev", "--dry-run")
         self.assertEqual(code, 0)
@@ -355,6 +364,16 @@ class CreateTests(ProjectTestCase):
         db = self.root / "data" / "deep" / "nested.db"
         self.assertEqual(query(db, "SELECT version FROM schema_migrations ORDER BY version"), [(1,), (2,)])
         self.assertEqual(self.backups("nested"), [])
+
+    def test_a_failed_create_leaves_no_database_file_behind(self) -> None:
+        self.write_migration("0003_broken.sql", "CREATE TABLE broken (;")
+        code, _, err = self.migrate("nested", "--create")
+        self.assertEqual(code, 1)
+        self.assertIn("migration 3", err)
+        self.assertEqual(list((self.root / "data" / "deep").iterdir()), [])
+        code, _, err = self.migrate("nested")
+        self.assertEqual(code, 1)
+        self.assertIn("--create", err)
 
     def test_without_create_a_missing_database_is_refused_and_no_folder_is_made(self) -> None:
         code, _, err = self.migrate("nested")
