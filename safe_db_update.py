@@ -20,6 +20,7 @@ import re
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -47,6 +48,7 @@ REASONS = ("manual", "pre-migrate", "pre-restore", "pre-rollback")
 SQLITE_HEADER = b"SQLite format 3\x00"
 BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{12}Z)-(?P<reason>[a-z-]+)\.db")
 PROGRESS_AFTER_SECONDS = 1.5
+INVOCATION: list[str] = []          # the command line being run, for the audit trail
 CHUNK = 1024 * 1024
 
 TABLES_SQL = """
@@ -489,7 +491,8 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
     final = unique_backup_path(folder, instance.stem, reason)
     partial = folder / f".{final.name}.partial"
     try:
-        copy_database(instance, partial, progress)
+        with progress_line(instance, partial, progress):
+            copy_database(instance, partial)
         backup = describe_copy(instance, partial, final, reason)
         write_manifest(backup, partial)
         fsync_path(folder, directory=True)
@@ -512,32 +515,47 @@ def unique_backup_path(folder: Path, stem: str, reason: str) -> Path:
         time.sleep(0.000001)
 
 
-def copy_database(instance: Instance, partial: Path, progress: bool) -> None:
+def copy_database(instance: Instance, partial: Path) -> None:
     """One-step online backup: a single consistent snapshot that never restarts."""
     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
-    show = progress_printer(instance, progress)
     with closing(open_readonly(instance)) as source, \
             closing(open_path(partial, instance.busy_timeout)) as target:
         target.execute("PRAGMA journal_mode = OFF")   # a fresh file: nothing to protect yet
         target.execute("PRAGMA synchronous = OFF")    # one fsync at the end instead
-        source.backup(target, pages=-1, progress=show)
+        source.backup(target, pages=-1)
         if target.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
             target.execute("PRAGMA journal_mode = DELETE")
     fsync_path(partial)
 
 
-def progress_printer(instance: Instance, enabled: bool):
+@contextmanager
+def progress_line(instance: Instance, partial: Path, enabled: bool) -> Iterator[None]:
+    """On a terminal, once a copy takes a while, show how much of it is written."""
     if not enabled:
-        return None
-    started = time.monotonic()
+        yield
+        return
+    finished = threading.Event()
+    total = max(instance.path.stat().st_size, 1)
 
-    def show(status: int, remaining: int, total: int) -> None:
-        if time.monotonic() - started >= PROGRESS_AFTER_SECONDS and total:
-            done = total - remaining
-            print(f"\r{instance.name}: copied {done}/{total} pages ({100 * done // total}%)",
-                  end="", file=sys.stderr, flush=True)
-    return show
+    def watch() -> None:
+        if finished.wait(PROGRESS_AFTER_SECONDS):
+            return
+        while not finished.wait(0.25):
+            with contextlib.suppress(OSError):
+                done = partial.stat().st_size
+                print(f"\r{instance.name}: backing up: {human_size(done)} of {human_size(total)} "
+                      f"({min(100, 100 * done // total)}%)", end="", file=sys.stderr, flush=True)
+        print(f"\r{instance.name}: backing up: copied; verifying{' ' * 30}", file=sys.stderr,
+              flush=True)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
 
 
 def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -> Backup:
@@ -736,7 +754,7 @@ def describe_table(conn: sqlite3.Connection, name: str) -> Table:
 def record_history(instance: Instance, entry: dict) -> None:
     """Append one line to <backup_dir>/<name>/history.jsonl; never fails the command."""
     line = {"time": utc_now()[1], "user": current_user(), "host": socket.gethostname(),
-            "command": " ".join(sys.argv), "instance": instance.name, **entry}
+            "command": " ".join(INVOCATION or sys.argv), "instance": instance.name, **entry}
     try:
         make_private_folder(instance.home)
         fd = os.open(instance.home / "history.jsonl", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
@@ -1067,6 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> int:
     """Parse, dispatch, and turn a CommandError or OS error into one line and an exit code."""
     args = parser.parse_args(argv)
+    INVOCATION[:] = [prog, *(sys.argv[1:] if argv is None else argv)]
     for option in ("config", "json", "quiet", "yes"):
         if not hasattr(args, option):
             setattr(args, option, None if option == "config" else False)
