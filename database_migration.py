@@ -204,8 +204,11 @@ def split_statements(script: str) -> list[str]:
 
 def bare_sql(statement: str) -> str:
     """The statement without comments and string literals, upper-cased, for classifying."""
-    text = re.sub(r"'(?:[^']|'')*'", "''", statement)
-    text = re.sub(r"--[^\n]*|/\*.*?(\*/|$)", " ", text, flags=re.DOTALL)
+    # One left-to-right pass, so a quote inside a comment (-- don't) or a comment
+    # marker inside a string or quoted name ('a--b', "x/*y") is not mistaken for one.
+    text = re.sub(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|--[^\n]*|/\*.*?(?:\*/|$)""",
+                  lambda m: {"'": "''", "-": " ", "/": " "}.get(m.group()[0], m.group()),
+                  statement, flags=re.DOTALL)
     return " ".join(text.split()).upper()
 
 
@@ -462,7 +465,8 @@ def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> d
         chosen = [m for m in migrations if m.version in versions]
         with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
             try:
-                run_migrations(conn, chosen, "up")
+                with migration_transaction(conn):
+                    run_migrations(conn, chosen, "up")
             except (CommandError, sqlite3.Error):
                 _expected_schemas[key] = None
                 return None

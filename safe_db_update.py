@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import sys
@@ -476,30 +477,35 @@ def human_size(size: int) -> str:
 
 # --- Backups -----------------------------------------------------------------
 
-def create_backup(instance: Instance, reason: str = "manual", progress: bool = False) -> Backup:
+def create_backup(instance: Instance, reason: str = "manual", progress: bool = False,
+                  raw: bool = False) -> Backup:
     """Copy the live database into a verified, checksummed backup file.
 
     The copy is written to a hidden temporary name and only renamed into place,
     beside its manifest, once it is complete and synced; a crash leaves nothing
-    that looks like a backup.
+    that looks like a backup. raw: a byte copy of a file SQLite cannot read.
     """
-    require_database(instance)
+    if raw and not instance.path.is_file():
+        raise CommandError(f"{instance.name}: no database at {instance.path}")
+    if not raw:
+        require_database(instance)
     started = time.perf_counter()
     folder = instance.backup_folder
     make_private_folder(instance.home)
     make_private_folder(folder)
+    discard(*folder.glob(".*.partial"))     # left by a killed backup; callers hold the lock
     final = unique_backup_path(folder, instance.stem, reason)
     partial = folder / f".{final.name}.partial"
     try:
         with progress_line(instance, partial, progress):
-            copy_database(instance, partial)
+            (copy_raw if raw else copy_database)(instance, partial)
         backup = describe_copy(instance, partial, final, reason)
         write_manifest(backup, partial)
         fsync_path(folder, directory=True)
     except (OSError, sqlite3.Error) as exc:
         discard(partial, Path(f"{final}.json.partial"))
-        raise CommandError(f"{instance.name}: backup failed: {describe_error(exc)}; "
-                           f"the database is unchanged") from exc
+        raise CommandError(f"{instance.name}: backup failed: {describe_error(exc)}; the database "
+                           f"is unchanged; check free space and permissions in {folder}") from exc
     except BaseException:
         discard(partial, Path(f"{final}.json.partial"))
         raise
@@ -558,10 +564,21 @@ def progress_line(instance: Instance, partial: Path, enabled: bool) -> Iterator[
         watcher.join()
 
 
+def copy_raw(instance: Instance, partial: Path) -> None:
+    """A byte-for-byte copy, for a file SQLite cannot open: kept for forensics."""
+    fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    shutil.copyfile(instance.path, partial)
+    fsync_path(partial)
+
+
 def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -> Backup:
-    with closing(open_path(partial, readonly=True)) as copy:
-        problems = integrity_problems(copy)
-        version = schema_version(copy)
+    try:
+        with closing(open_path(partial, readonly=True)) as copy:
+            problems = integrity_problems(copy)
+            version = schema_version(copy)
+    except (CommandError, sqlite3.Error) as exc:
+        problems, version = [str(exc)], None
     _, created_at = utc_now()
     return Backup(path=final, sha256=sha256_of(partial), size=partial.stat().st_size,
                   created_at=created_at, source=str(instance.path), schema_version=version,
@@ -676,8 +693,37 @@ def verify_backup(backup: Backup) -> list[str]:
         return [f"cannot read: {describe_error(exc)}"]
 
 
+def save_current(instance: Instance) -> Backup | None:
+    """The pre-restore backup: what a restore replaces (raw bytes if SQLite cannot read it)."""
+    if not instance.path.exists():
+        return None
+    if readable(instance):
+        return create_backup(instance, "pre-restore")
+    return create_backup(instance, "pre-restore", raw=True)
+
+
+def readable(instance: Instance) -> bool:
+    """Can SQLite open the file? A busy database is an error, never 'unreadable'."""
+    try:
+        with closing(open_readonly(instance)) as conn:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return True
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise CommandError(f"{instance.name}: the database is busy ({exc}); try again") from exc
+        return False
+    except (CommandError, sqlite3.Error):
+        return False
+
+
 def restore_backup(instance: Instance, backup: Backup) -> list[str]:
-    """Copy backup into the live database in place; returns integrity problems after."""
+    """Copy backup into the live database in place; returns integrity problems after.
+
+    Through the backup API, so connections the application holds stay valid; a
+    missing or unreadable file is instead replaced whole by a synced copy.
+    """
+    if not readable(instance):
+        return replace_file(instance, backup)
     with closing(open_path(backup.path, readonly=True)) as source, \
             closing(connect(instance)) as live:
         try:
@@ -686,6 +732,27 @@ def restore_backup(instance: Instance, backup: Backup) -> list[str]:
             raise CommandError(f"{instance.name}: restore failed: {exc}; the database is "
                                f"unchanged") from exc
         return integrity_problems(live)
+
+
+def replace_file(instance: Instance, backup: Backup) -> list[str]:
+    path = instance.path
+    draft = path.with_name(f".{path.name}.restoring")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(backup.path, draft)
+        fsync_path(draft)
+        stamp, _ = utc_now()
+        for suffix in ("-journal", "-wal", "-shm"):     # they belong to the file being replaced
+            sidecar = Path(f"{path}{suffix}")
+            if sidecar.exists():
+                sidecar.replace(instance.backup_folder / f"{instance.stem}-{stamp}-replaced.db{suffix}")
+        draft.replace(path)
+        fsync_path(path.parent, directory=True)
+    except OSError as exc:
+        discard(draft)
+        raise CommandError(f"{instance.name}: restore failed: {describe_error(exc)}") from exc
+    with closing(open_readonly(instance)) as conn:
+        return integrity_problems(conn)
 
 
 def prune_backups(instance: Instance, keep: int, spare: Path | None = None) -> list[Backup]:
@@ -965,30 +1032,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     instance = get_instance(args)
-    backup = find_backup(instance, args.file)
-    problems = verify_backup(backup)
-    if problems:
-        raise CommandError(f"{instance.name}: {backup.path} failed verification ({problems[0]}); "
-                           f"nothing restored; choose another with 'list-backups {instance.name}'")
-    require_database(instance)
-    confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
-                            f"with {backup.path.name}?")
-    with audited(instance, "restore") as entry, instance_lock(instance, "restore"):
-        with closing(open_readonly(instance)) as conn:
-            entry["version_before"] = schema_version(conn)
-        safety = create_backup(instance, "pre-restore")
-        entry["backup"] = str(safety.path)
+    with audited(instance, "restore") as entry:
+        backup = find_backup(instance, args.file)
         entry["restored_from"] = str(backup.path)
-        after = restore_backup(instance, backup)
+        problems = verify_backup(backup)
+        if problems:
+            raise CommandError(f"{instance.name}: {backup.path} failed verification ({problems[0]}); "
+                               f"nothing restored; choose another with 'list-backups {instance.name}'")
+        confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
+                                f"with {backup.path.name}?")
+        with instance_lock(instance, "restore"):
+            safety = save_current(instance)
+            entry.update(backup=safety and str(safety.path),
+                         version_before=safety and safety.schema_version)
+            after = restore_backup(instance, backup)
         entry["version_after"] = backup.schema_version
+        kept = f"the replaced contents are in {safety.path}" if safety else "there was no file to keep"
         if after:
             raise CommandError(f"{instance.name}: integrity check after restore failed: {after[0]}; "
-                               f"the replaced contents are in {safety.path}")
+                               f"{kept}")
     emit(args, f"{instance.name}: restored {backup.path.name} (schema version "
-               f"{backup.schema_version}); the replaced contents are in {safety.path}",
+               f"{backup.schema_version}); {kept}",
          {"name": instance.name, "path": str(instance.path), "restored_from": str(backup.path),
-          "schema_version": backup.schema_version, "pre_restore_backup": str(safety.path),
-          "seconds": round(safety.seconds, 3)})
+          "schema_version": backup.schema_version,
+          "pre_restore_backup": safety and str(safety.path),
+          "seconds": round(entry["seconds"], 3)})
     return EXIT_OK
 
 
