@@ -1079,10 +1079,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     instance = get_instance(args)
+    if args.keep is not None and args.keep < 1:
+        raise CommandError(f"--keep {args.keep}: keep at least 1 backup", EXIT_USAGE)
     keep = instance.keep_backups if args.keep is None else args.keep
-    if keep < 1:
-        raise CommandError(f"{instance.name}: nothing to prune with keep = {keep}; give --keep N "
-                           f"(1 or more)", EXIT_USAGE if args.keep is not None else EXIT_OK)
+    if keep == 0:
+        emit(args, f"{instance.name}: keep_backups = 0 keeps every backup; nothing to prune "
+                   f"(give --keep N to prune anyway)",
+             {"name": instance.name, "keep": 0, "dry_run": args.dry_run, "removed": []})
+        return EXIT_OK
     doomed = prune_backups(instance, keep)
     if doomed and not args.dry_run:
         confirm(args, instance, f"Remove {len(doomed)} old backup(s) of {instance.name}, "
