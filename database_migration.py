@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, CommandError,
-                            Instance, audited, backup_with_retention, cmd_backup, common_options,
-                            confirm, connect, emit, find_config, get_instance, instance_lock,
-                            integrity_problems, load_instances, newest_backup_time, open_readonly,
-                            read_config, read_history, require_database, resolve, run,
-                            select_instances)
+                            Instance, add_command, audited, backup_with_retention, cmd_backup,
+                            common_options, confirm, connect, emit, find_config, get_instance,
+                            instance_lock, integrity_problems, load_instances, newest_backup_time,
+                            open_readonly, read_config, read_history, require_database, resolve,
+                            run, select_instances)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -249,6 +249,9 @@ def statements_of(parts, where: str, part: str) -> tuple[str, ...]:
         parts = [parts]
     if not isinstance(parts, (list, tuple)) or not all(isinstance(p, str) for p in parts):
         raise CommandError(f"{where}: the {part} part must be a list of SQL strings", EXIT_USAGE)
+    if any("\x00" in p for p in parts):
+        raise CommandError(f"{where}: the {part} part contains a NUL character; is it a text file?",
+                           EXIT_USAGE)
     statements = tuple(s for p in parts for s in split_statements(p))
     for statement in statements:
         if TRANSACTION_CONTROL.match(bare_sql(statement)):
@@ -1242,7 +1245,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for name in (args.name, args.other):
         instance = get_instance(args, name)
         with closing(open_readonly(instance)) as conn:
-            schemas.append(schema_of(conn))
+            try:
+                schemas.append(schema_of(conn))
+            except sqlite3.Error as exc:
+                raise CommandError(f"{instance.name}: cannot read {instance.path}: {exc}") from exc
     differences = compare_schemas(schemas[1], schemas[0], here=args.name, there=args.other)
     text = "\n".join(differences) or f"{args.name} and {args.other} have the same schema"
     emit(args, text, {"name": args.name, "other": args.other, "same": not differences,
@@ -1263,14 +1269,6 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 # --- Parser and main ---------------------------------------------------------
-
-def add_command(commands, name: str, handler, help_text: str) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, parents=[common_options(True)], help=help_text,
-                                 description=help_text)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
-    parser.set_defaults(handler=handler)
-    return parser
-
 
 def version_number(text: str) -> int:
     if not text.isdigit():
