@@ -3,11 +3,13 @@ check, info and the history file, on real SQLite files in a temporary project.""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sqlite3
 import stat
-from contextlib import closing
+import time
+from contextlib import closing, redirect_stderr
 from pathlib import Path
 
 from tests.support import ProjectTestCase, dump, query, safe_db_update, sha256
@@ -672,3 +674,39 @@ class FunctionTests(BackupTestCase):
 if __name__ == "__main__":
     import unittest
     unittest.main()
+
+
+class ProgressLineTests(BackupTestCase):
+    """The progress line of a long backup: on a terminal only, after a while."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.create()
+        self.partial = self.root / "copy.partial"
+        delay = safe_db_update.PROGRESS_AFTER_SECONDS
+        self.addCleanup(setattr, safe_db_update, "PROGRESS_AFTER_SECONDS", delay)
+        safe_db_update.PROGRESS_AFTER_SECONDS = 0.0
+
+    def copy_slowly(self, enabled: bool) -> str:
+        err = io.StringIO()
+        with redirect_stderr(err):
+            with safe_db_update.progress_line(self.instance(), self.partial, enabled):
+                for _ in range(4):
+                    with open(self.partial, "ab") as handle:
+                        handle.write(b"x" * 4096)
+                    time.sleep(0.2)
+        return err.getvalue()
+
+    def test_a_long_copy_shows_how_much_is_written(self) -> None:
+        shown = self.copy_slowly(enabled=True)
+        self.assertIn("dev: backing up:", shown)
+        self.assertIn("%)", shown)
+        self.assertIn("verifying", shown)
+
+    def test_nothing_is_shown_when_progress_is_off(self) -> None:
+        self.assertEqual(self.copy_slowly(enabled=False), "")
+
+    def test_a_backup_without_a_terminal_prints_nothing_on_stderr(self) -> None:
+        result = self.run_script("safe_db_update.py", "backup", "dev")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr, "")
