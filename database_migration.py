@@ -436,7 +436,7 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
             drift = schema_drift(conn, migrations, applied) if with_drift else ()
     except (CommandError, sqlite3.Error, OSError) as exc:
         return State(instance=instance, exists=True, current_version=None, latest_version=latest,
-                     pending=tuple(migrations), error=str(exc))
+                     pending=tuple(migrations), error=str(exc).removeprefix(f"{instance.name}: "))
     return compare(instance, migrations, applied, problems, drift)
 
 
@@ -815,11 +815,15 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
     with audited(instance, "baseline") as entry:
         require_database(instance)
         with closing(open_readonly(instance)) as conn:
-            if read_applied(conn):
+            try:
+                applied, actual = read_applied(conn), schema_of(conn)
+            except sqlite3.Error as exc:
+                raise CommandError(f"{instance.name}: cannot read {instance.path}: {exc}") from exc
+            if applied:
                 raise CommandError(f"{instance.name}: versions are already recorded; baseline is "
                                    f"only for a database that predates the tool (see 'check')")
             expected = expected_schema(migrations, tuple(m.version for m in chosen))
-            differences = compare_schemas(expected or {}, schema_of(conn))
+            differences = compare_schemas(expected or {}, actual)
         entry.update(version_before=0, version_after=0, differences=list(differences))
         if differences and not args.force:
             raise CommandError(f"{instance.name}: the schema does not match migrations up to "
