@@ -11,6 +11,7 @@ import argparse
 import configparser
 import contextlib
 import datetime
+import errno
 import getpass
 import glob
 import hashlib
@@ -26,7 +27,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 try:
     import fcntl
@@ -51,6 +52,8 @@ BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{12}Z)-(?P<reason>[a-z
 PROGRESS_AFTER_SECONDS = 1.5
 INVOCATION: list[str] = []          # the command line being run, for the audit trail
 CHUNK = 1024 * 1024
+COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
+RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
 
 TABLES_SQL = """
     SELECT name FROM sqlite_master
@@ -196,6 +199,12 @@ def load_instances(config: Path) -> list[Instance]:
     instances: list[Instance] = []
     for section in parser.sections():
         instances.extend(section_instances(config, parser[section]))
+    seen: set[str] = set()
+    for instance in instances:
+        if instance.name in seen:
+            raise CommandError(f"{config}: [{instance.group}]: two files make the instance name "
+                               f"'{instance.name}'; rename one or narrow the glob", EXIT_USAGE)
+        seen.add(instance.name)
     if not instances:
         raise CommandError(f"{config}: no instances defined; add a section such as "
                            f"[dev] with path = instance/dev.db", EXIT_USAGE)
@@ -276,7 +285,7 @@ def select_instances(instances: list[Instance], name: str, config: Path) -> list
     chosen = [i for i in instances if i.name == name or i.group == name]
     if not chosen:
         known = ", ".join(sorted({i.group or i.name for i in instances}))
-        raise CommandError(f"{config}: no instance named '{name}' (known: {known})", EXIT_USAGE)
+        raise CommandError(f"{config}: no instance named {name!r} (known: {known})", EXIT_USAGE)
     return chosen
 
 
@@ -319,7 +328,10 @@ def open_path(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqli
     # files it cannot remove; a query_only read-write connection removes them on close.
     quiet_wal = readonly and is_wal(path) and not any(
         os.path.exists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
-    mode = "ro" if readonly and not quiet_wal else "rw"
+    # A crashed writer's hot journal must be rolled back before anyone reads; a mode=ro
+    # connection cannot ('attempt to write a readonly database'), a query_only one can.
+    hot_journal = readonly and os.path.exists(f"{path}-journal")
+    mode = "ro" if readonly and not (quiet_wal or hot_journal) else "rw"
     try:
         conn = sqlite3.connect(f"{Path(os.path.abspath(path)).as_uri()}?mode={mode}", uri=True,
                                isolation_level=None, timeout=timeout)
@@ -478,17 +490,15 @@ def human_size(size: int) -> str:
 # --- Backups -----------------------------------------------------------------
 
 def create_backup(instance: Instance, reason: str = "manual", progress: bool = False,
-                  raw: bool = False) -> Backup:
+                  copy: Callable[[Instance, Path], None] | None = None) -> Backup:
     """Copy the live database into a verified, checksummed backup file.
 
     The copy is written to a hidden temporary name and only renamed into place,
     beside its manifest, once it is complete and synced; a crash leaves nothing
-    that looks like a backup. raw: a byte copy of a file SQLite cannot read.
+    that looks like a backup. copy: how to take it (default copy_database).
     """
-    if raw and not instance.path.is_file():
+    if not instance.path.is_file():
         raise CommandError(f"{instance.name}: no database at {instance.path}")
-    if not raw:
-        require_database(instance)
     started = time.perf_counter()
     folder = instance.backup_folder
     make_private_folder(instance.home)
@@ -498,7 +508,7 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
     partial = folder / f".{final.name}.partial"
     try:
         with progress_line(instance, partial, progress):
-            (copy_raw if raw else copy_database)(instance, partial)
+            (copy or copy_database)(instance, partial)
         backup = describe_copy(instance, partial, final, reason)
         write_manifest(backup, partial)
         fsync_path(folder, directory=True)
@@ -522,17 +532,80 @@ def unique_backup_path(folder: Path, stem: str, reason: str) -> Path:
 
 
 def copy_database(instance: Instance, partial: Path) -> None:
-    """One-step online backup: a single consistent snapshot that never restarts."""
+    """One consistent snapshot that never restarts, written to partial and synced.
+
+    A rollback-journal database is copied byte for byte while a read transaction
+    holds SQLite's shared lock, so no writer can commit until the copy is done
+    (about a third of the time the backup API takes). A WAL database, whose writers
+    go on meanwhile, goes through the backup API in one step: one read snapshot.
+    """
     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
-    with closing(open_readonly(instance)) as source, \
-            closing(open_path(partial, instance.busy_timeout)) as target:
+    with closing(open_readonly(instance)) as source:
+        if not copy_file_while_locked(source, instance.path, partial):
+            copy_pages(source, partial, instance.busy_timeout)
+    fsync_path(partial)
+
+
+def copy_through_sqlite(instance: Instance, partial: Path) -> None:
+    """The backup API, the live file opened by SQLite alone: safe while another connection
+    of this process holds its locks (closing any descriptor of a file that Python opened
+    would drop every POSIX lock the process holds on it)."""
+    fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    uri = f"{Path(os.path.abspath(instance.path)).as_uri()}?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True, isolation_level=None,
+                                 timeout=instance.busy_timeout)) as source:
+        copy_pages(source, partial, instance.busy_timeout)
+    fsync_path(partial)
+
+
+def copy_file_while_locked(source: sqlite3.Connection, path: Path, partial: Path) -> bool:
+    """The file's bytes under a shared lock; False, copying nothing, for a WAL database."""
+    # Our descriptors close only after COMMIT: closing any descriptor of a file drops
+    # every POSIX lock this process holds on it, SQLite's shared lock included.
+    with open(path, "rb") as original, open(partial, "r+b") as copy:
+        source.execute("BEGIN")
+        try:
+            source.execute("PRAGMA schema_version").fetchone()  # takes the lock; needs no schema
+            if os.pread(original.fileno(), 20, 0)[18:20] == b"\x02\x02":
+                return False                # WAL: the file alone is not the snapshot
+            copy_bytes(original.fileno(), copy.fileno())
+        finally:
+            source.execute("COMMIT")
+    return True
+
+
+def copy_bytes(source: int, target: int) -> None:
+    """The whole file, in the kernel (copy_file_range) where it can, else through a buffer."""
+    total, done = os.fstat(source).st_size, 0
+    while done < total:
+        count = copy_range(source, target, done, min(COPY_STEP, total - done))
+        if count <= 0:
+            raise OSError(errno.EIO, "the database file ended before its size while copying")
+        done += count
+
+
+def copy_range(source: int, target: int, offset: int, count: int) -> int:
+    if hasattr(os, "copy_file_range"):
+        try:
+            copied = os.copy_file_range(source, target, count, offset, offset)
+            if copied > 0:
+                return copied
+        except OSError as exc:          # not between these files here: copy through a buffer
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise                   # a full disk or a file-size limit fails the backup
+    return os.pwrite(target, os.pread(source, min(count, CHUNK), offset), offset)
+
+
+def copy_pages(source: sqlite3.Connection, partial: Path, timeout: float) -> None:
+    """The backup API in one step: it reads a single snapshot and never restarts."""
+    with closing(open_path(partial, timeout)) as target:
         target.execute("PRAGMA journal_mode = OFF")   # a fresh file: nothing to protect yet
         target.execute("PRAGMA synchronous = OFF")    # one fsync at the end instead
         source.backup(target, pages=-1)
         if target.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
             target.execute("PRAGMA journal_mode = DELETE")
-    fsync_path(partial)
 
 
 @contextmanager
@@ -619,7 +692,7 @@ def read_manifest(path: Path) -> Backup | None:
                       source=str(data["source"]), schema_version=data.get("schema_version"),
                       reason=str(data["reason"]), sqlite_version=str(data.get("sqlite_version", "")),
                       verified=data.get("verified") is True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
 
 
@@ -693,15 +766,6 @@ def verify_backup(backup: Backup) -> list[str]:
         return [f"cannot read: {describe_error(exc)}"]
 
 
-def save_current(instance: Instance) -> Backup | None:
-    """The pre-restore backup: what a restore replaces (raw bytes if SQLite cannot read it)."""
-    if not instance.path.exists():
-        return None
-    if readable(instance):
-        return create_backup(instance, "pre-restore")
-    return create_backup(instance, "pre-restore", raw=True)
-
-
 def readable(instance: Instance) -> bool:
     """Can SQLite open the file? A busy database is an error, never 'unreadable'."""
     try:
@@ -716,22 +780,56 @@ def readable(instance: Instance) -> bool:
         return False
 
 
-def restore_backup(instance: Instance, backup: Backup) -> list[str]:
-    """Copy backup into the live database in place; returns integrity problems after.
+def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, list[str]]:
+    """Put backup's contents into the live database, after a pre-restore backup of it.
 
-    Through the backup API, so connections the application holds stay valid; a
-    missing or unreadable file is instead replaced whole by a synced copy.
+    Returns the pre-restore backup and the integrity problems found afterwards. A
+    missing or unreadable file is replaced whole (its bytes kept for forensics).
     """
     if not readable(instance):
-        return replace_file(instance, backup)
-    with closing(open_path(backup.path, readonly=True)) as source, \
+        safety = create_backup(instance, "pre-restore", copy=copy_raw) if instance.path.exists() else None
+        return safety, replace_file(instance, backup)
+    wal = is_wal(instance.path)
+    # Opened before SQLite's connections and closed after them: closing a descriptor
+    # drops every POSIX lock the process holds on the file (SQLite's included).
+    with open(instance.path, "rb") as held, \
+            closing(open_path(backup.path, readonly=True)) as source, \
             closing(connect(instance)) as live:
+        saved: list[Backup] = []
+        copy = copy_through_sqlite if wal else copy_held_file(held.fileno())
+
+        def save_first(status: int, remaining: int, total: int) -> None:
+            # After the first step the copy holds the live database's write lock until it
+            # commits, so no row the application commits can fall between the two. In
+            # rollback-journal mode the lock is exclusive and the file still holds the
+            # last commit (the step's pages wait in the cache), so its bytes are copied.
+            if not saved and status == sqlite3.SQLITE_OK:
+                saved.append(create_backup(instance, "pre-restore", copy=copy))
+
+        page_size, page_count = (source.execute(f"PRAGMA {p}").fetchone()[0]
+                                 for p in ("page_size", "page_count"))
+        if page_count <= 1:                 # one step would finish the copy: save first
+            saved.append(create_backup(instance, "pre-restore"))
+        live.execute(f"PRAGMA cache_size = -{4 * RESTORE_STEP // 1024}")   # no spill in a step
         try:
-            source.backup(live, pages=-1)
+            source.backup(live, pages=max(1, min(RESTORE_STEP // page_size, page_count - 1)),
+                          progress=save_first)
         except sqlite3.Error as exc:
             raise CommandError(f"{instance.name}: restore failed: {exc}; the database is "
                                f"unchanged") from exc
-        return integrity_problems(live)
+        return saved[0], integrity_problems(live)
+
+
+def copy_held_file(held: int) -> Callable[[Instance, Path], None]:
+    """A copy function reading the live file through a descriptor that stays open."""
+    def copy(instance: Instance, partial: Path) -> None:
+        fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            copy_bytes(held, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return copy
 
 
 def replace_file(instance: Instance, backup: Backup) -> list[str]:
@@ -742,6 +840,7 @@ def replace_file(instance: Instance, backup: Backup) -> list[str]:
         shutil.copyfile(backup.path, draft)
         fsync_path(draft)
         stamp, _ = utc_now()
+        make_private_folder(instance.backup_folder)
         for suffix in ("-journal", "-wal", "-shm"):     # they belong to the file being replaced
             sidecar = Path(f"{path}{suffix}")
             if sidecar.exists():
@@ -1042,10 +1141,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
                                 f"with {backup.path.name}?")
         with instance_lock(instance, "restore"):
-            safety = save_current(instance)
+            safety, after = restore_backup(instance, backup)
             entry.update(backup=safety and str(safety.path),
                          version_before=safety and safety.schema_version)
-            after = restore_backup(instance, backup)
         entry["version_after"] = backup.schema_version
         kept = f"the replaced contents are in {safety.path}" if safety else "there was no file to keep"
         if after:
