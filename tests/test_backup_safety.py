@@ -305,6 +305,20 @@ class LockTests(SafetyTestCase):
                 self.assertEqual(sha256(live), digest)
                 self.assertEqual(self.backups(), made)
 
+    def test_migrate_and_rollback_are_refused_while_the_lock_is_held(self) -> None:
+        live = self.create()
+        self.write_migration("0003_add_status.sql", "-- migrate:up\nALTER TABLE loan ADD COLUMN status TEXT;\n"
+                                                    "-- migrate:down\nALTER TABLE loan DROP COLUMN status;\n")
+        digest = sha256(live)
+        self.hold_lock()
+        for argv in (("migrate", "dev"), ("rollback", "dev", "--to", "1", "--yes")):
+            with self.subTest(command=argv[0]):
+                result = self.run_script("database_migration.py", *argv)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn("'migrate'", result.stderr)
+                self.assertEqual(sha256(live), digest)
+                self.assertEqual(self.backups(), [])
+
     def test_a_waiting_backup_proceeds_when_the_lock_is_released_in_time(self) -> None:
         self.create()
         self.config.write_text(self.ini.replace("busy_timeout = 1", "busy_timeout = 10"),
