@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import hashlib
 import importlib.util
 import os
@@ -66,6 +67,11 @@ USER_TABLES = """
     WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
     ORDER BY name
 """
+MASTER_ROWS = """
+    SELECT type, name, sql FROM sqlite_master
+    WHERE name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
+    ORDER BY type, name
+"""
 SCHEMA_OBJECTS = """
     SELECT type, name, tbl_name, sql FROM sqlite_master
     WHERE name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
@@ -100,7 +106,7 @@ class Migration:
     python: str = ""                # the text of a .py migration
     declared_destructive: bool = False
 
-    @property
+    @functools.cached_property
     def checksum(self) -> str:
         if self.python:
             text = self.python.replace("\r\n", "\n")
@@ -388,6 +394,12 @@ def tracking_columns(conn: sqlite3.Connection) -> list[str]:
 
 
 def read_applied(conn: sqlite3.Connection) -> list[Applied]:
+    try:                                # the current table: one query
+        rows = conn.execute("SELECT version, description, applied_at, checksum "
+                            "FROM schema_migrations ORDER BY version").fetchall()
+        return [Applied(int(v), str(d), None if a is None else str(a), c) for v, d, a, c in rows]
+    except sqlite3.OperationalError:    # none yet, or the older three-column table
+        pass
     columns = tracking_columns(conn)
     if not columns:
         return []
@@ -434,7 +446,7 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
                 if quick_check else []
             applied = read_applied(conn)
             drift = schema_drift(conn, migrations, applied) if with_drift else ()
-    except (CommandError, sqlite3.Error, OSError) as exc:
+    except (CommandError, sqlite3.Error, OSError, ValueError, TypeError) as exc:
         return State(instance=instance, exists=True, current_version=None, latest_version=latest,
                      pending=tuple(migrations), error=str(exc).removeprefix(f"{instance.name}: "))
     return compare(instance, migrations, applied, problems, drift)
@@ -458,11 +470,23 @@ def schema_of(conn: sqlite3.Connection) -> dict[str, str]:
     return objects
 
 
-_expected_schemas: dict[tuple, dict[str, str]] = {}
+def master_rows(conn: sqlite3.Connection) -> tuple[tuple[str, str, str], ...]:
+    """sqlite_master as it stands, white space normalised: the cheap first comparison."""
+    return tuple((kind, name, " ".join((sql or "").split()))
+                 for kind, name, sql in conn.execute(MASTER_ROWS))
+
+
+_expected_schemas: dict[tuple, tuple[dict[str, str], tuple] | None] = {}
 
 
 def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> dict[str, str] | None:
     """The schema that running these versions on an empty database produces (cached)."""
+    expected = expected_schemas(migrations, versions)
+    return None if expected is None else expected[0]
+
+
+def expected_schemas(migrations: list[Migration], versions: tuple[int, ...]):
+    """(normalised schema, sqlite_master rows) of these versions built in memory, cached."""
     key = (tuple(m.checksum for m in migrations if m.version in versions), versions)
     if key not in _expected_schemas:
         chosen = [m for m in migrations if m.version in versions]
@@ -470,10 +494,9 @@ def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> d
             try:
                 with migration_transaction(conn):
                     run_migrations(conn, chosen, "up")
+                _expected_schemas[key] = (schema_of(conn), master_rows(conn))
             except (CommandError, sqlite3.Error):
                 _expected_schemas[key] = None
-                return None
-            _expected_schemas[key] = schema_of(conn)
     return _expected_schemas[key]
 
 
@@ -497,10 +520,10 @@ def schema_drift(conn: sqlite3.Connection, migrations: list[Migration],
     versions = tuple(sorted(a.version for a in applied))
     if not versions or not set(versions) <= known:
         return ()
-    expected = expected_schema(migrations, versions)
-    if expected is None:
-        return ()
-    return compare_schemas(expected, schema_of(conn))
+    expected = expected_schemas(migrations, versions)
+    if expected is None or master_rows(conn) == expected[1]:
+        return ()                       # the common case: one query, no column reads
+    return compare_schemas(expected[0], schema_of(conn))
 
 
 # --- Planning ----------------------------------------------------------------
