@@ -165,6 +165,7 @@ class Plan:
     destructive: tuple[tuple[int, str, str], ...]   # (version, kind, statement)
     create: bool = False
     direction: str = "up"
+    applied: tuple[int, ...] = ()       # the versions recorded when the plan was made
 
 
 @dataclass(frozen=True)
@@ -557,7 +558,8 @@ def plan_migrate(state: State, target: int | None, create: bool = False) -> Plan
     chosen = tuple(m for m in state.pending if target is None or m.version <= target)
     return Plan(instance=state.instance, from_version=current,
                 to_version=max([current] + [m.version for m in chosen]),
-                migrations=chosen, destructive=destructive_statements(chosen, "up"), create=create)
+                migrations=chosen, destructive=destructive_statements(chosen, "up"), create=create,
+                applied=tuple(a.version for a in state.applied))
 
 
 def destructive_statements(migrations, direction: str) -> tuple[tuple[int, str, str], ...]:
@@ -654,10 +656,13 @@ def failure(migration: Migration, statement: str, error, note: str) -> str:
 
 
 def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    counts = {}
-    for (name,) in conn.execute(USER_TABLES).fetchall():
-        quoted = '"' + name.replace('"', '""') + '"'
-        counts[name] = conn.execute(f"SELECT COUNT(*) FROM {quoted}").fetchone()[0]
+    """Rows per table, counted in one statement per 500 tables."""
+    tables = [name for (name,) in conn.execute(USER_TABLES).fetchall()]
+    counts: dict[str, int] = {}
+    for start in range(0, len(tables), 500):
+        chunk = tables[start:start + 500]
+        counters = ", ".join('(SELECT COUNT(*) FROM "' + t.replace('"', '""') + '")' for t in chunk)
+        counts.update(zip(chunk, conn.execute(f"SELECT {counters}").fetchone()))
     return counts
 
 
@@ -680,8 +685,10 @@ def ensure_tracking_table(conn: sqlite3.Connection, migrations: list[Migration])
     for column, kind in (("checksum", "TEXT"), ("execution_ms", "INTEGER")):
         if column not in columns:
             conn.execute(f"ALTER TABLE schema_migrations ADD COLUMN {column} {kind}")
-    for migration in migrations:
-        conn.execute(FILL_CHECKSUM, (migration.checksum, migration.version))
+    known = {m.version: m for m in migrations}
+    unfilled = [v for (v,) in conn.execute("SELECT version FROM schema_migrations "
+                                           "WHERE checksum IS NULL").fetchall() if v in known]
+    conn.executemany(FILL_CHECKSUM, [(known[v].checksum, v) for v in unfilled])
 
 
 @contextmanager
@@ -711,6 +718,9 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration]
                backup_note: str = "", expected: dict[str, str] | None = None) -> list[int]:
     """All of the plan in one transaction, checked before COMMIT; nothing on failure."""
     with migration_transaction(conn):
+        if tuple(a.version for a in read_applied(conn)) != plan.applied:
+            raise CommandError(f"{plan.instance.name}: changed by someone else since the plan was "
+                               f"made; nothing done; run the command again")
         before = row_counts(conn)
         ensure_tracking_table(conn, migrations)
         done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True)
@@ -801,7 +811,8 @@ def plan_rollback(state: State, target: int) -> Plan:
                            f"nothing changed; to go back, restore a backup taken before it "
                            f"('safe_db_update.py list-backups {name}', then 'restore {name} FILE')")
     return Plan(instance=state.instance, from_version=current, to_version=target,
-                migrations=undo, destructive=destructive_statements(undo, "down"), direction="down")
+                migrations=undo, destructive=destructive_statements(undo, "down"), direction="down",
+                applied=tuple(a.version for a in state.applied))
 
 
 def rollback_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
@@ -944,10 +955,6 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
                    entry: dict) -> tuple[Backup | None, list[int]]:
     if plan.create:
         return None, create_database(instance, migrations, plan)
-    fresh = plan_migrate(inspect(instance, migrations, with_drift=False), plan.to_version)
-    if fresh.migrations != plan.migrations:
-        raise CommandError(f"{instance.name}: changed by someone else while we waited; "
-                           f"nothing done; run the command again")
     backup, _ = backup_with_retention(instance, "pre-migrate")
     entry["backup"] = str(backup.path)
     if not backup.verified:
