@@ -717,6 +717,15 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
                backup_note: str = "", expected: dict[str, str] | None = None) -> list[int]:
     """All of the plan in one transaction, checked before COMMIT; nothing on failure."""
+    try:
+        return apply_in_transaction(conn, plan, migrations, backup_note, expected)
+    except sqlite3.Error as exc:       # BEGIN or COMMIT kept waiting, the disk, the tracking table
+        raise CommandError(f"{plan.instance.name}: {exc}; rolled back, nothing changed"
+                           f"{backup_note}") from exc
+
+
+def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
+                         backup_note: str, expected: dict[str, str] | None) -> list[int]:
     with migration_transaction(conn):
         if tuple(a.version for a in read_applied(conn)) != plan.applied:
             raise CommandError(f"{plan.instance.name}: changed by someone else since the plan was "

@@ -358,18 +358,6 @@ def open_readonly(instance: Instance) -> sqlite3.Connection:
 
 
 @contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    conn.execute("BEGIN IMMEDIATE")     # take the write lock now, not half-way through
-    try:
-        yield conn
-        conn.execute("COMMIT")          # a failed COMMIT is rolled back below
-    except BaseException:
-        if conn.in_transaction:         # some errors have already ended it
-            conn.execute("ROLLBACK")
-        raise
-
-
-@contextmanager
 def instance_lock(instance: Instance, command: str) -> Iterator[None]:
     """Keep backup, migrate and restore of one instance from overlapping."""
     make_private_folder(instance.home)

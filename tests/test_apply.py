@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import sqlite3
 import unittest
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tests.support import INI, ProjectTestCase, database_migration, dump, query, sha256
 
@@ -544,3 +547,40 @@ class MigrateAllTests(ProjectTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode = WAL" if sys.argv[2] == "wal" else "PRAGMA journal_mode = DELETE")
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO user (id, email, name) VALUES (99, 'w@x', 'Writer')")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+class BusyDatabaseTests(ApplyTestCase):
+    """The application holds a write transaction for longer than busy_timeout."""
+
+    @contextmanager
+    def write_lock_held(self, mode: str) -> Iterator[None]:
+        with subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(self.path), mode],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+            self.assertEqual(holder.stdout.readline().strip(), "held")
+            yield
+            holder.stdin.close()
+
+    def test_a_migration_that_cannot_get_the_write_lock_fails_in_one_line_and_changes_nothing(self) -> None:
+        self.add(3, "ALTER TABLE loan ADD COLUMN status TEXT;")
+        for mode in ("delete", "wal"):
+            with self.subTest(journal_mode=mode):
+                before = self.versions()
+                with self.write_lock_held(mode):
+                    code, _, err = self.migrate("dev")
+                self.assertEqual(code, 1, err)
+                self.assertNoTraceback(err)
+                self.assertIn("locked", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertEqual(self.versions(), before)
+                self.assertNotIn("status", self.columns("loan"))
