@@ -455,11 +455,13 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
 
 # --- Schema comparison (drift) -----------------------------------------------
 
-def schema_of(conn: sqlite3.Connection) -> dict[str, str]:
-    """Normalised sqlite_master: 'table user' -> its definition, columns included."""
+def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[str, str]:
+    """Normalised sqlite_master: 'table user' -> its columns, other objects -> their SQL."""
     objects = {}
     for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS).fetchall():
         key = f"{kind} {name}"
+        if only is not None and key not in only:
+            continue
         if kind == "table":
             quoted = '"' + name.replace('"', '""') + '"'
             columns = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
@@ -471,13 +473,13 @@ def schema_of(conn: sqlite3.Connection) -> dict[str, str]:
     return objects
 
 
-def master_rows(conn: sqlite3.Connection) -> tuple[tuple[str, str, str], ...]:
-    """sqlite_master as it stands, white space normalised: the cheap first comparison."""
-    return tuple((kind, name, " ".join((sql or "").split()))
-                 for kind, name, sql in conn.execute(MASTER_ROWS))
+def master_sql(conn: sqlite3.Connection) -> dict[str, str]:
+    """sqlite_master's SQL text, white space normalised: the cheap first comparison."""
+    return {f"{kind} {name}": " ".join((sql or "").split())
+            for kind, name, sql in conn.execute(MASTER_ROWS)}
 
 
-_expected_schemas: dict[tuple, tuple[dict[str, str], tuple] | None] = {}
+_expected_schemas: dict[tuple, tuple[dict[str, str], dict[str, str]] | None] = {}
 
 
 def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> dict[str, str] | None:
@@ -487,7 +489,7 @@ def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> d
 
 
 def expected_schemas(migrations: list[Migration], versions: tuple[int, ...]):
-    """(normalised schema, sqlite_master rows) of these versions built in memory, cached."""
+    """(normalised schema, sqlite_master SQL) of these versions built in memory, cached."""
     key = (tuple(m.checksum for m in migrations if m.version in versions), versions)
     if key not in _expected_schemas:
         chosen = [m for m in migrations if m.version in versions]
@@ -495,7 +497,7 @@ def expected_schemas(migrations: list[Migration], versions: tuple[int, ...]):
             try:
                 with migration_transaction(conn):
                     run_migrations(conn, chosen, "up")
-                _expected_schemas[key] = (schema_of(conn), master_rows(conn))
+                _expected_schemas[key] = (schema_of(conn), master_sql(conn))
             except (CommandError, sqlite3.Error):
                 _expected_schemas[key] = None
     return _expected_schemas[key]
@@ -522,9 +524,17 @@ def schema_drift(conn: sqlite3.Connection, migrations: list[Migration],
     if not versions or not set(versions) <= known:
         return ()
     expected = expected_schemas(migrations, versions)
-    if expected is None or master_rows(conn) == expected[1]:
+    if expected is None:
+        return ()
+    shape, sql = expected
+    actual_sql = master_sql(conn)
+    changed = {key for key in set(sql) | set(actual_sql) if sql.get(key) != actual_sql.get(key)}
+    if not changed:
         return ()                       # the common case: one query, no column reads
-    return compare_schemas(expected[0], schema_of(conn))
+    # Only objects whose text differs are compared by shape (a table's columns), so
+    # that a harmless difference in how a CREATE was written is not drift.
+    return compare_schemas({k: v for k, v in shape.items() if k in changed},
+                           schema_of(conn, only=changed))
 
 
 # --- Planning ----------------------------------------------------------------

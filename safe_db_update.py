@@ -302,18 +302,19 @@ def get_instance(args: argparse.Namespace, name: str | None = None) -> Instance:
 
 # --- Connections -------------------------------------------------------------
 
-def require_database(instance: Instance) -> None:
-    """Refuse a missing file or one that is not an SQLite database."""
+def require_database(instance: Instance) -> bytes:
+    """Refuse a missing file or one that is not an SQLite database; return its header."""
     path = instance.path
     if not path.is_file():
         raise CommandError(f"{instance.name}: no database at {path}")
     try:
         with open(path, "rb") as handle:
-            header = handle.read(len(SQLITE_HEADER))
+            header = handle.read(20)
     except OSError as exc:
         raise CommandError(f"{instance.name}: cannot read {path}: {exc.strerror}") from exc
-    if header and header != SQLITE_HEADER:
+    if header and header[:len(SQLITE_HEADER)] != SQLITE_HEADER:
         raise CommandError(f"{instance.name}: {path} is not an SQLite database")
+    return header
 
 
 def connect(instance: Instance) -> sqlite3.Connection:
@@ -322,11 +323,12 @@ def connect(instance: Instance) -> sqlite3.Connection:
     return open_path(instance.path, instance.busy_timeout)
 
 
-def open_path(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqlite3.Connection:
+def open_path(path: Path, timeout: float = 30.0, readonly: bool = False,
+              header: bytes | None = None) -> sqlite3.Connection:
     """Open an existing database (never create one); readonly connections cannot write."""
     # A mode=ro connection to a WAL database that nobody has open creates -wal and -shm
     # files it cannot remove; a query_only read-write connection removes them on close.
-    quiet_wal = readonly and is_wal(path) and not any(
+    quiet_wal = readonly and is_wal(path, header) and not any(
         os.path.exists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
     # A crashed writer's hot journal must be rolled back before anyone reads; a mode=ro
     # connection cannot ('attempt to write a readonly database'), a query_only one can.
@@ -341,20 +343,21 @@ def open_path(path: Path, timeout: float = 30.0, readonly: bool = False) -> sqli
     return conn
 
 
-def is_wal(path: Path) -> bool:
+def is_wal(path: Path, header: bytes | None = None) -> bool:
     """True when the file's header says WAL mode (bytes 18 and 19 are 2)."""
-    try:
-        with open(path, "rb") as handle:
-            header = handle.read(20)
-    except OSError:
-        return False
+    if header is None:
+        try:
+            with open(path, "rb") as handle:
+                header = handle.read(20)
+        except OSError:
+            return False
     return len(header) == 20 and header[18] == 2 and header[19] == 2
 
 
 def open_readonly(instance: Instance) -> sqlite3.Connection:
     """A connection that cannot write, so a typo never creates or changes a database."""
-    require_database(instance)
-    return open_path(instance.path, instance.busy_timeout, readonly=True)
+    header = require_database(instance)
+    return open_path(instance.path, instance.busy_timeout, readonly=True, header=header)
 
 
 @contextmanager
