@@ -1184,9 +1184,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    instance = get_instance(args)
-    all_migrations(instance)
-    outcome = migrate_instance(args, instance)
+    instances = chosen_instances(args, args.name)
+    if instances[0].group == args.name:     # a fleet: every member, as migrate-all does
+        return migrate_many(args, instances)
+    outcome = migrate_instance(args, instances[0])
     emit(args, format_outcome(outcome), outcome_as_json(outcome))
     if outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok:
         return EXIT_FAILED
@@ -1194,14 +1195,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate_all(args: argparse.Namespace) -> int:
-    instances = chosen_instances(args, None)
+    return migrate_many(args, chosen_instances(args, None))
+
+
+def migrate_many(args: argparse.Namespace, instances: list[Instance]) -> int:
+    """migrate for each instance, in file order or --jobs at once, then a summary."""
     if args.jobs > 1:
         results = migrate_in_parallel(args, instances)
     else:
         results = migrate_in_order(args, instances)
     failures = [r for r in results if r["result"] == "failed"]
     skipped = sum(r["result"] == "skipped" for r in results)
-    summary = (f"migrate-all: {len(results) - len(failures) - skipped} ok, {len(failures)} failed, "
+    summary = (f"{args.command}: {len(results) - len(failures) - skipped} ok, {len(failures)} failed, "
                f"{skipped} skipped")
     summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
     emit(args, summary, {"instances": results})
@@ -1342,6 +1347,11 @@ def add_migrate_options(parser: argparse.ArgumentParser) -> None:
                         help="apply pending migrations up to this version only")
     parser.add_argument("--create", action="store_true",
                         help="make the database file if it does not exist")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="several instances: go on with the next after a failure")
+    parser.add_argument("--jobs", type=positive_number, default=1, metavar="N",
+                        help="several instances: migrate N at once, in separate processes "
+                             "(implies --keep-going)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1360,11 +1370,6 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_all = add_command(commands, "migrate-all", cmd_migrate_all,
                               "migrate every instance in file order")
     add_migrate_options(migrate_all)
-    migrate_all.add_argument("--keep-going", action="store_true",
-                             help="go on with the next instance after a failure")
-    migrate_all.add_argument("--jobs", type=positive_number, default=1, metavar="N",
-                             help="migrate N instances at once, in separate processes "
-                                  "(implies --keep-going)")
     backup = add_command(commands, "backup", cmd_backup, "verified backup (as safe_db_update.py backup)")
     backup.add_argument("name", metavar="NAME", nargs="?")
     backup.add_argument("--all", action="store_true", help="every instance, in file order")

@@ -230,11 +230,23 @@ class MemberCommandTests(FleetTestCase):
                 report = json.loads(out)
                 self.assertEqual((report["name"], report["consistent"]), (f"tenants/{stem}", consistent))
 
+    def test_migrate_of_the_group_migrates_every_member_and_nothing_else(self) -> None:
+        paths = self.add_tenants("acme", "globex")
+        self.write_migration("0003_add_status.sql", "ALTER TABLE loan ADD COLUMN status TEXT;")
+        code, out, err = self.run_cli(database_migration, "migrate", "tenants", "--json")
+        self.assertEqual(code, 0, err)
+        results = json.loads(out)["instances"]
+        self.assertEqual([r["name"] for r in results], ["tenants/acme", "tenants/globex"])
+        self.assertEqual([r["applied"] for r in results], [[3], [3]])
+        for path in paths:
+            self.assertEqual(query(path, "SELECT MAX(version) FROM schema_migrations"), [(3,)])
+        self.assertEqual(query(self.db("dev"), "SELECT MAX(version) FROM schema_migrations"), [(2,)])
+
     def test_a_single_instance_command_given_the_group_names_a_member_to_use(self) -> None:
         paths = self.add_tenants("acme", "globex")
         untouched = self.snapshot(paths)
         commands = [(database_migration, argv) for argv in (
-            ["migrate", "tenants"], ["migrate", "tenants", "--dry-run"], ["check", "tenants"],
+            ["check", "tenants"],
             ["rollback", "tenants", "--to", "1", "--yes"], ["baseline", "tenants", "--to", "1"],
             ["history", "tenants"], ["diff", "tenants", "dev"], ["diff", "dev", "tenants"])]
         commands += [(safe_db_update, argv) for argv in (
