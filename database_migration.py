@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, CommandError,
-                            Instance, add_command, audited, backup_with_retention, cmd_backup,
-                            common_options, confirm, connect, emit, find_config, get_instance,
+                            Instance, add_backup_command, add_command, audited,
+                            backup_with_retention, confirm, connect, emit, find_config, get_instance,
                             instance_lock, integrity_problems, load_instances, newest_backup_time,
                             open_readonly, read_config, read_history, require_database, resolve,
-                            run, select_instances)
+                            root_parser, run, select_instances)
 
 # --- Constants ---------------------------------------------------------------
 
 PROG = "database_migration.py"
+__version__ = VERSION               # one version for both CLIs
 
 MIGRATION_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<kind>sql|py)")
 MARKER = re.compile(r"^\s*--\s*migrate:(?P<part>up|down)\b.*$", re.IGNORECASE)
@@ -1355,10 +1356,7 @@ def add_migrate_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     parents=[common_options(False)])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, commands = root_parser(PROG, __doc__)
     status = add_command(commands, "status", cmd_status, "every instance's version and state")
     status.add_argument("name", metavar="NAME", nargs="?", help="one instance or fleet only")
     add_command(commands, "check", cmd_check,
@@ -1370,9 +1368,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_all = add_command(commands, "migrate-all", cmd_migrate_all,
                               "migrate every instance in file order")
     add_migrate_options(migrate_all)
-    backup = add_command(commands, "backup", cmd_backup, "verified backup (as safe_db_update.py backup)")
-    backup.add_argument("name", metavar="NAME", nargs="?")
-    backup.add_argument("--all", action="store_true", help="every instance, in file order")
+    add_backup_command(commands)
     baseline = add_command(commands, "baseline", cmd_baseline,
                            "record migrations up to V as applied, for a database that predates the tool")
     baseline.add_argument("name", metavar="NAME")

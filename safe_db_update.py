@@ -1215,14 +1215,24 @@ def add_command(commands, name: str, handler, help_text: str) -> argparse.Argume
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+def root_parser(prog: str, doc: str):
+    """The CLI's parser with the global options, and its subcommands to fill in."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
                                      parents=[common_options(False)])
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    backup = add_command(commands, "backup", cmd_backup, "verified backup of one instance or all")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def add_backup_command(commands) -> None:
+    backup = add_command(commands, "backup", cmd_backup, "verified backup of one instance, "
+                                                         "a fleet, or all")
     backup.add_argument("name", metavar="NAME", nargs="?")
     backup.add_argument("--all", action="store_true", help="every instance, in file order")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, commands = root_parser(PROG, __doc__)
+    add_backup_command(commands)
     add_command(commands, "list-backups", cmd_list_backups,
                 "an instance's backups, newest first").add_argument("name", metavar="NAME")
     verify = add_command(commands, "verify", cmd_verify, "check a backup's SHA-256 and integrity")
