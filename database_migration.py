@@ -886,10 +886,14 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
         with instance_lock(instance, "baseline"):
             backup, _ = backup_with_retention(instance, "pre-migrate")
             entry["backup"] = str(backup.path)
-            with closing(connect(instance)) as conn, migration_transaction(conn):
-                ensure_tracking_table(conn, migrations)
-                conn.executemany(RECORD_APPLIED, [(m.version, m.description, m.checksum, 0)
-                                                  for m in chosen])
+            try:
+                with closing(connect(instance)) as conn, migration_transaction(conn):
+                    ensure_tracking_table(conn, migrations)
+                    conn.executemany(RECORD_APPLIED, [(m.version, m.description, m.checksum, 0)
+                                                      for m in chosen])
+            except sqlite3.Error as exc:
+                raise CommandError(f"{instance.name}: baseline failed: {exc}; rolled back, nothing "
+                                   f"recorded; backup: {backup.path}") from exc
         entry["version_after"] = args.to
     return differences, backup
 

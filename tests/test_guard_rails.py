@@ -178,6 +178,17 @@ class BaselineTests(GuardRailTestCase):
         self.assertEqual(rows, [(1, checksum_of(up_part("0001_create_tables.sql"))),
                                 (2, checksum_of(up_part("0002_add_reset_fields.sql")))])
 
+    def test_a_baseline_that_fails_half_way_records_nothing_and_changes_nothing(self) -> None:
+        build_by_hand(self.db(), "0001_create_tables.sql", "0002_add_reset_fields.sql")
+        execute(self.db(), "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY "
+                           "CHECK (version < 2), description TEXT NOT NULL, applied_at DATETIME)")
+        before = dump(self.db())
+        code, _, err = self.cli("baseline", "dev", "--to", "2")
+        self.assertEqual(code, 1, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("rolled back", err)
+        self.assertEqual(dump(self.db()), before)
+
     def test_baseline_takes_a_pre_migrate_backup_first(self) -> None:
         build_by_hand(self.db(), "0001_create_tables.sql")
         code, _, err = self.cli("baseline", "dev", "--to", "1")
