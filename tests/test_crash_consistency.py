@@ -31,8 +31,8 @@ import unittest
 from contextlib import closing, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from tests.support import (LOAN_APP, ROOT, ProjectTestCase, database_migration, query,
-                           safe_db_update)
+from tests.support import (INI as BASE_INI, LOAN_APP, ROOT, ProjectTestCase, database_migration,
+                           query, safe_db_update)
 
 TRIALS = int(os.environ.get("CRASH_TRIALS", "10"))
 SEED = int(os.environ.get("CRASH_SEED", "20261123"))
@@ -79,16 +79,7 @@ DROP INDEX payment_loan_id;
 """,
 }
 
-INI = """[DEFAULT]
-busy_timeout = 10
-
-[dev]
-path = instance/dev.db
-
-[prod]
-path = instance/prod.db
-protected = yes
-"""
+INI = BASE_INI.replace("busy_timeout = 2", "busy_timeout = 10")
 
 FINGERPRINT = {     # per table: what 'every committed row is still there' compares
     "user": "COUNT(*), TOTAL(id), TOTAL(LENGTH(email))",
