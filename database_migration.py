@@ -1190,7 +1190,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     instances = chosen_instances(args, args.name)
-    if instances[0].group == args.name:     # a fleet: every member, as migrate-all does
+    if not instances or instances[0].group == args.name:    # a fleet: every member
         return migrate_many(args, instances)
     outcome = migrate_instance(args, instances[0])
     emit(args, format_outcome(outcome), outcome_as_json(outcome))

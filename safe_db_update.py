@@ -205,13 +205,25 @@ def load_instances(config: Path) -> list[Instance]:
             raise CommandError(f"{config}: [{instance.group}]: two files make the instance name "
                                f"'{instance.name}'; rename one or narrow the glob", EXIT_USAGE)
         seen.add(instance.name)
-    if not instances:
+    if not parser.sections():
         raise CommandError(f"{config}: no instances defined; add a section such as "
                            f"[dev] with path = instance/dev.db", EXIT_USAGE)
     return instances
 
 
 def section_instances(config: Path, section: configparser.SectionProxy) -> list[Instance]:
+    raw_path, settings, where = section_settings(config, section)
+    base = config.parent
+    if glob.has_magic(raw_path):
+        return fleet_members(section.name, resolve(base, raw_path), settings, where)
+    path = resolve(base, raw_path)
+    if path.is_dir():
+        raise CommandError(f"{where}: path {path} is a folder; give the database file", EXIT_USAGE)
+    return [Instance(name=section.name, path=path, **settings)]
+
+
+def section_settings(config: Path, section: configparser.SectionProxy) -> tuple[str, dict, str]:
+    """A section's raw path, its validated settings, and how to name it in messages."""
     where = f"{config}: [{section.name}]"
     if not NAME_PATTERN.fullmatch(section.name):
         raise CommandError(f"{where}: instance names use letters, digits, '_' and '-' "
@@ -228,12 +240,7 @@ def section_instances(config: Path, section: configparser.SectionProxy) -> list[
                     migrations_dir=resolve(base, section["migrations_dir"]),
                     config=config, keep_backups=whole_number(section, "keep_backups", where),
                     busy_timeout=seconds(section, where), protected=flag(section, where))
-    if glob.has_magic(raw_path):
-        return fleet_members(section.name, resolve(base, raw_path), settings, where)
-    path = resolve(base, raw_path)
-    if path.is_dir():
-        raise CommandError(f"{where}: path {path} is a folder; give the database file", EXIT_USAGE)
-    return [Instance(name=section.name, path=path, **settings)]
+    return raw_path, settings, where
 
 
 def fleet_members(group: str, pattern: Path, settings: dict, where: str) -> list[Instance]:
@@ -281,8 +288,24 @@ def flag(section: configparser.SectionProxy, where: str) -> bool:
 
 
 def select_instances(instances: list[Instance], name: str, config: Path) -> list[Instance]:
-    """The instance called NAME, or every member of the fleet called NAME."""
+    """The instance called NAME, or every member of the fleet called NAME.
+
+    A fleet with no files yet is an empty group, and 'group/stem' for a file that does
+    not exist yet is a new member (so that 'migrate group/stem --create' can make it).
+    """
     chosen = [i for i in instances if i.name == name or i.group == name]
+    group, _, stem = name.partition("/")
+    parser = read_config(config) if not chosen else None
+    fleet = parser is not None and parser.has_section(group) \
+        and glob.has_magic(parser[group].get("path", ""))
+    if fleet and not stem:
+        return []
+    if fleet and NAME_PATTERN.fullmatch(stem):
+        raw_path, settings, _ = section_settings(config, parser[group])
+        folder, pattern = os.path.split(raw_path)
+        if pattern.count("*") == 1 and not glob.has_magic(folder + pattern.replace("*", "")):
+            path = resolve(config.parent, os.path.join(folder, pattern.replace("*", stem)))
+            return [Instance(name=name, path=path, group=group, **settings)]
     if not chosen:
         known = ", ".join(sorted({i.group or i.name for i in instances}))
         raise CommandError(f"{config}: no instance named {name!r} (known: {known})", EXIT_USAGE)
@@ -294,6 +317,9 @@ def get_instance(args: argparse.Namespace, name: str | None = None) -> Instance:
     config = find_config(args.config)
     name = name or args.name
     chosen = select_instances(load_instances(config), name, config)
+    if not chosen:
+        raise CommandError(f"fleet '{name}' has no members yet: no file matches its path; make "
+                           f"one with 'migrate {name}/NAME --create'", EXIT_USAGE)
     if len(chosen) > 1:
         raise CommandError(f"'{name}' is a group of {len(chosen)} instances; name one member "
                            f"such as '{chosen[0].name}'", EXIT_USAGE)

@@ -154,11 +154,17 @@ class EmptyFleetTests(FleetTestCase):
     def test_status_lists_the_other_sections_and_succeeds(self) -> None:
         self.assertEqual(self.status_names(), ["dev", "prod"])
 
-    def test_naming_the_empty_group_is_a_usage_error_that_names_it(self) -> None:
-        for argv in (["status", "tenants"], ["migrate", "tenants"], ["migrate", "tenants/acme"]):
+    def test_the_empty_group_lists_nothing_and_migrating_it_does_nothing(self) -> None:
+        for argv in (["status", "tenants", "--json"], ["migrate", "tenants", "--json"]):
             with self.subTest(argv=argv):
-                code, _, err = self.run_cli(database_migration, *argv)
-                self.assertUsageError(code, err, f"'{argv[1]}'")
+                code, out, err = self.run_cli(database_migration, *argv)
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(json.loads(out)["instances"], [])
+        self.assertEqual(list(self.tenants.iterdir()), [])
+
+    def test_a_single_instance_command_on_the_empty_group_says_how_to_add_a_member(self) -> None:
+        code, _, err = self.run_cli(database_migration, "check", "tenants")
+        self.assertUsageError(code, err, "'tenants'", "--create")
 
     def test_migrate_all_migrates_the_other_sections_only(self) -> None:
         code, out, err = self.run_cli(database_migration, "migrate-all", "--create", "--json")
@@ -166,10 +172,22 @@ class EmptyFleetTests(FleetTestCase):
         self.assertEqual([e["name"] for e in json.loads(out)["instances"]], ["dev", "prod"])
         self.assertEqual(list(self.tenants.iterdir()), [])
 
-    def test_a_registry_with_only_an_empty_fleet_has_no_instances(self) -> None:
+    def test_a_new_member_is_made_with_migrate_create_in_a_fleet_of_its_own(self) -> None:
         self.config.write_text("[tenants]\npath = tenants/*.db\n", encoding="utf-8")
-        code, _, err = self.run_cli(database_migration, "status")
-        self.assertUsageError(code, err, "no instances")
+        code, _, err = self.run_cli(database_migration, "migrate", "tenants/acme")
+        self.assertEqual(code, 1)
+        self.assertIn("--create", err)
+        self.assertEqual(list(self.tenants.iterdir()), [])
+        code, _, err = self.run_cli(database_migration, "migrate", "tenants/acme", "--create")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(query(self.tenants / "acme.db", "SELECT MAX(version) FROM schema_migrations"),
+                         [(2,)])
+        self.assertEqual(self.status_names(), ["tenants/acme"])
+
+    def test_a_new_member_name_must_be_a_valid_name(self) -> None:
+        code, _, err = self.run_cli(database_migration, "migrate", "tenants/a.b", "--create")
+        self.assertUsageError(code, err, "'tenants/a.b'")
+        self.assertEqual(list(self.tenants.iterdir()), [])
 
 
 class MemberCommandTests(FleetTestCase):
