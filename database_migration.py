@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, CommandError,
-                            Instance, add_backup_command, add_command, audited,
-                            backup_with_retention, confirm, connect, emit, find_config, get_instance,
-                            instance_lock, integrity_problems, load_instances, newest_backup_time,
-                            open_readonly, read_config, read_history, require_database, resolve,
-                            root_parser, run, select_instances)
+                            Instance, Table, add_backup_command, add_command, audited,
+                            backup_with_retention, confirm, connect, describe_table, emit,
+                            find_config, get_instance, instance_lock, integrity_problems,
+                            load_instances, newest_backup_time, open_readonly, read_config,
+                            read_history, require_database, resolve, root_parser, run,
+                            select_instances)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -771,12 +772,8 @@ def check_before_commit(conn: sqlite3.Connection, plan: Plan, before: dict[str, 
 
 # --- Dry run -----------------------------------------------------------------
 
-def table_shapes(conn: sqlite3.Connection) -> dict[str, tuple[tuple[str, ...], int]]:
-    shapes = {}
-    for table, rows in row_counts(conn).items():
-        quoted = '"' + table.replace('"', '""') + '"'
-        shapes[table] = (tuple(r[1] for r in conn.execute(f"PRAGMA table_info({quoted})")), rows)
-    return shapes
+def table_shapes(conn: sqlite3.Connection) -> dict[str, Table]:
+    return {name: describe_table(conn, name) for (name,) in conn.execute(USER_TABLES).fetchall()}
 
 
 def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
@@ -803,16 +800,22 @@ def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
                      **shape_changes(before, after))
 
 
-def shape_changes(before: dict, after: dict) -> dict:
+def shape_changes(before: dict[str, Table], after: dict[str, Table]) -> dict:
     common = sorted(set(before) & set(after))
+
+    def rows(shapes: dict[str, Table], table: str) -> int:
+        return shapes[table].rows if table in shapes else 0
+
     return {
         "tables_added": tuple(sorted(set(after) - set(before))),
         "tables_removed": tuple(sorted(set(before) - set(after))),
-        "columns_added": tuple(f"{t}.{c}" for t in common for c in after[t][0] if c not in before[t][0]),
-        "columns_removed": tuple(f"{t}.{c}" for t in common for c in before[t][0] if c not in after[t][0]),
-        "row_changes": tuple((t, before.get(t, (0, 0))[1], after.get(t, (0, 0))[1])
+        "columns_added": tuple(f"{t}.{c}" for t in common for c in after[t].columns
+                               if c not in before[t].columns),
+        "columns_removed": tuple(f"{t}.{c}" for t in common for c in before[t].columns
+                                 if c not in after[t].columns),
+        "row_changes": tuple((t, rows(before, t), rows(after, t))
                              for t in sorted(set(before) | set(after))
-                             if before.get(t, ((), 0))[1] != after.get(t, ((), 0))[1]),
+                             if rows(before, t) != rows(after, t)),
     }
 
 
@@ -867,7 +870,6 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
         raise CommandError(f"{instance.name}: --to {args.to}: no such migration", EXIT_USAGE)
     chosen = [m for m in migrations if m.version <= args.to]
     with audited(instance, "baseline") as entry:
-        require_database(instance)
         with closing(open_readonly(instance)) as conn:
             try:
                 applied, actual = read_applied(conn), schema_of(conn)
@@ -956,8 +958,6 @@ def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> 
     if missing and not args.create:
         raise CommandError(f"{instance.name}: no database at {instance.path}; add --create to "
                            f"make a new one (never use it to replace a lost database: restore it)")
-    if not missing:
-        require_database(instance)
     state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
     refuse_unsafe(state)
     plan = plan_migrate(state, args.to, create=missing)
