@@ -4,6 +4,9 @@ check, info and the history file, on real SQLite files in a temporary project.""
 from __future__ import annotations
 
 import io
+import resource
+import subprocess
+import sys
 import json
 import shutil
 import sqlite3
@@ -12,7 +15,7 @@ import time
 from contextlib import closing, redirect_stderr
 from pathlib import Path
 
-from tests.support import ProjectTestCase, dump, query, safe_db_update, sha256
+from tests.support import ROOT, ProjectTestCase, dump, query, safe_db_update, sha256
 
 MANIFEST_KEYS = {"sha256", "size", "created_at", "source", "schema_version", "reason",
                  "sqlite_version", "verified"}
@@ -464,6 +467,29 @@ class EmergencyRestoreTests(BackupTestCase):
         self.assertIs(self.manifest(safety)["verified"], False)
         [journal] = (self.root / "backups" / "dev" / "database").glob("*-replaced.db-journal")
         self.assertEqual(journal.read_bytes(), b"stale journal")
+
+    def test_a_restore_over_an_unreadable_file_that_runs_out_of_space_leaves_the_file_alone(self) -> None:
+        live = self.create()
+        with closing(sqlite3.connect(live)) as conn:
+            conn.executemany("INSERT INTO user (email, name) VALUES (?, ?)",
+                             [(f"u{i}@x", "x" * 200) for i in range(2000)])
+            conn.commit()
+        self.backup()
+        garbage = b"not a database" * 300                   # about 4 KiB, under the limit
+        live.write_bytes(garbage)
+        limit = 256 * 1024                                  # the backup is larger than this
+
+        def small_files() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        result = subprocess.run([sys.executable, str(ROOT / "safe_db_update.py"), "--config",
+                                 str(self.config), "restore", "dev", "--yes"],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                preexec_fn=small_files, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("restore failed", result.stderr)
+        self.assertEqual(live.read_bytes(), garbage)
+        self.assertEqual([p.name for p in live.parent.iterdir()], [live.name])
 
     def test_a_refused_restore_is_recorded_in_the_history(self) -> None:
         self.create()
