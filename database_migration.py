@@ -31,7 +31,7 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, C
                             find_config, get_instance, instance_lock, integrity_problems,
                             load_instances, newest_backup_time, open_readonly, read_config,
                             read_history, require_database, resolve, root_parser, run,
-                            select_instances)
+                            select_instances, NOT_INTERNAL)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -47,6 +47,10 @@ DESTRUCTIVE = (
     ("DELETE", re.compile(r"^(WITH\b.*\b)?DELETE\b")),
 )
 UPDATE = re.compile(r"^(WITH\b.*\b)?UPDATE\b")
+SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`[^`]*`?|\[[^\]]*\]?|--[^\n]*"""
+                       r"""|/\*.*?(?:\*/|$)|\w+|\S""", re.DOTALL)
+CONDITION_ENDS = {"RETURNING", "ORDER", "LIMIT"}      # what may follow an UPDATE's WHERE
+UNSAFE_FUNCTIONS = {"load_extension", "fts3_tokenizer"}
 SQLITE_TRANSACTION = 22             # the authorizer's action code for BEGIN/COMMIT/ROLLBACK
 
 TRACKING_TABLE = """
@@ -64,19 +68,19 @@ RECORD_APPLIED = """
 """
 FORGET_APPLIED = "DELETE FROM schema_migrations WHERE version = ?"
 FILL_CHECKSUM = "UPDATE schema_migrations SET checksum = ? WHERE version = ? AND checksum IS NULL"
-USER_TABLES = """
+USER_TABLES = f"""
     SELECT name FROM sqlite_master
-    WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
+    WHERE type = 'table' AND {NOT_INTERNAL} AND name <> 'schema_migrations'
     ORDER BY name
 """
-MASTER_ROWS = """
+MASTER_ROWS = f"""
     SELECT type, name, sql FROM sqlite_master
-    WHERE name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
+    WHERE {NOT_INTERNAL} AND name <> 'schema_migrations'
     ORDER BY type, name
 """
-SCHEMA_OBJECTS = """
+SCHEMA_OBJECTS = f"""
     SELECT type, name, tbl_name, sql FROM sqlite_master
-    WHERE name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations'
+    WHERE {NOT_INTERNAL} AND name <> 'schema_migrations'
     ORDER BY type, name
 """
 
@@ -147,12 +151,14 @@ class State:
     drift: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
     error: str = ""
+    untracked: str = ""                 # why the database is untracked; empty when it is not
 
     @property
     def state(self) -> str:
         for word, present in (("error", self.error), ("missing", not self.exists),
                               ("ahead", self.unknown), ("modified", self.modified),
-                              ("drift", self.drift), ("pending", self.pending)):
+                              ("drift", self.drift), ("untracked", self.untracked),
+                              ("pending", self.pending)):
             if present:
                 return word
         return "up to date"
@@ -227,15 +233,55 @@ def destructive_kind(statement: str) -> str:
         if pattern.match(sql):
             return kind
     if UPDATE.match(sql):
-        top_level = sql
-        while True:     # drop parenthesised parts: only a top-level WHERE limits an UPDATE
-            shorter = re.sub(r"\([^()]*\)", " ", top_level)
-            if shorter == top_level:
-                break
-            top_level = shorter
-        if not re.search(r"\bWHERE\b", top_level):
+        condition = update_condition(statement)
+        if condition is None:
             return "UPDATE without WHERE"
+        if always_true(condition):
+            return "UPDATE whose WHERE is always true"
     return ""
+
+
+def update_condition(statement: str) -> str | None:
+    """The text of an UPDATE's own WHERE condition; None when it has none.
+
+    Only a WHERE outside parentheses limits the UPDATE (one inside a sub-select
+    does not); strings, quoted names and comments are skipped whole.
+    """
+    depth, start = 0, None
+    for token in SQL_TOKEN.finditer(statement):
+        word = token.group().upper()
+        if word == "(":
+            depth += 1
+        elif word == ")":
+            depth -= 1
+        elif depth == 0 and start is None and word == "WHERE":
+            start = token.end()
+        elif depth == 0 and start is not None and word in CONDITION_ENDS:
+            return statement[start:token.start()]
+    return None if start is None else statement[start:]
+
+
+def always_true(condition: str) -> bool:
+    """A WHERE that names no column and is true anyway (WHERE 1, 1 = 1, TRUE, 'a' = 'a').
+
+    SQLite itself evaluates it, on an empty in-memory database where only SELECT
+    and functions are authorised (never load_extension) and at most about a
+    million steps run: a condition that names a column or a table fails there
+    and is a real condition.
+    """
+    steps = iter(range(1000))
+    with closing(sqlite3.connect(":memory:")) as conn:
+        conn.set_authorizer(lambda action, _, function, *__: sqlite3.SQLITE_OK
+                            if action == sqlite3.SQLITE_SELECT or (
+                                action == sqlite3.SQLITE_FUNCTION
+                                and str(function).lower() not in UNSAFE_FUNCTIONS)
+                            else sqlite3.SQLITE_DENY)
+        conn.set_progress_handler(lambda: next(steps, None) is None, 1000)
+        try:
+            row = conn.execute(f"SELECT CASE WHEN ({condition}\n) THEN 1 ELSE 0 END").fetchone()
+        except (sqlite3.Error, sqlite3.Warning, ValueError):
+            return False
+    return row == (1,)
 
 
 def build_migration(version, description, up, down, source: str, **extra) -> Migration:
@@ -416,8 +462,20 @@ def read_applied(conn: sqlite3.Connection) -> list[Applied]:
     return [Applied(int(v), str(d), None if a is None else str(a), c) for v, d, a, c in rows]
 
 
+def untracked_reason(conn: sqlite3.Connection, applied: list[Applied]) -> str:
+    """Why the database is not ours to migrate yet ('' when it is): it holds tables
+    of its own but no recorded migration, so it was made without this tool."""
+    if applied:
+        return ""
+    tables = [name for (name,) in conn.execute(USER_TABLES).fetchall()]
+    if not tables:
+        return ""                       # a new, empty database: migrate builds it
+    shown = ", ".join(tables[:3]) + (f" and {len(tables) - 3} more" if len(tables) > 3 else "")
+    return f"it holds tables of its own ({shown}) but no recorded migration"
+
+
 def compare(instance: Instance, migrations: list[Migration], applied: list[Applied],
-            problems: list[str], drift: tuple[str, ...] = ()) -> State:
+            problems: list[str], drift: tuple[str, ...] = (), untracked: str = "") -> State:
     known = {m.version: m for m in migrations}
     done = {a.version for a in applied}
     modified = tuple(a.version for a in applied
@@ -429,11 +487,15 @@ def compare(instance: Instance, migrations: list[Migration], applied: list[Appli
     problems += [f"the database holds version {v}, which the migration list does not have"
                  for v in unknown]
     problems += [f"drift: {line}" for line in drift]
+    if untracked:
+        problems.append(f"untracked: {untracked}; if its schema is that of migration V, record "
+                        f"it with 'baseline {instance.name} --to V'")
     return State(instance=instance, exists=True,
                  current_version=max(done, default=0),
                  latest_version=max(known, default=0), applied=tuple(applied),
                  pending=tuple(m for m in migrations if m.version not in done),
-                 modified=modified, unknown=unknown, drift=drift, problems=tuple(problems))
+                 modified=modified, unknown=unknown, drift=drift, problems=tuple(problems),
+                 untracked=untracked)
 
 
 def inspect(instance: Instance, migrations: list[Migration], quick_check: bool = False,
@@ -449,10 +511,11 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
                 if quick_check else []
             applied = read_applied(conn)
             drift = schema_drift(conn, migrations, applied) if with_drift else ()
+            untracked = untracked_reason(conn, applied)
     except (CommandError, sqlite3.Error, OSError, ValueError, TypeError) as exc:
         return State(instance=instance, exists=True, current_version=None, latest_version=latest,
                      pending=tuple(migrations), error=str(exc).removeprefix(f"{instance.name}: "))
-    return compare(instance, migrations, applied, problems, drift)
+    return compare(instance, migrations, applied, problems, drift, untracked)
 
 
 # --- Schema comparison (drift) -----------------------------------------------
@@ -557,6 +620,10 @@ def refuse_unsafe(state: State) -> None:
     if failed:
         raise CommandError(f"{name}: {failed[0]}; the database is damaged: see the emergency "
                            f"procedures in the manual; nothing changed")
+    if state.untracked:
+        raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; if its schema "
+                           f"is that of migration V, record it with 'baseline {name} --to V', "
+                           f"then migrate")
 
 
 def plan_migrate(state: State, target: int | None, create: bool = False) -> Plan:

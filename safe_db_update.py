@@ -55,9 +55,12 @@ CHUNK = 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
 RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
 
-TABLES_SQL = """
+# SQLite's own objects are named sqlite_... (any case); the escape keeps LIKE from
+# reading '_' as "any character", which would hide a table such as sqliteusers.
+NOT_INTERNAL = r"name NOT LIKE 'sqlite\_%' ESCAPE '\'"
+TABLES_SQL = f"""
     SELECT name FROM sqlite_master
-    WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
+    WHERE type = 'table' AND {NOT_INTERNAL}
     ORDER BY name
 """
 SCHEMA_VERSION_SQL = "SELECT MAX(version) FROM schema_migrations"
@@ -912,7 +915,7 @@ def database_info(instance: Instance) -> Info:
         try:
             tables = tuple(describe_table(conn, name) for (name,) in conn.execute(TABLES_SQL).fetchall())
             objects = {kind: tuple(name for (name,) in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = ? AND name NOT LIKE 'sqlite_%' "
+                f"SELECT name FROM sqlite_master WHERE type = ? AND {NOT_INTERNAL} "
                 "ORDER BY name", (kind,))) for kind in ("index", "view", "trigger")}
             info = Info(instance=instance, size=instance.path.stat().st_size,
                         page_size=pragma("page_size"), page_count=pragma("page_count"),
