@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import sys
@@ -51,6 +52,13 @@ SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`[^`]*`?|\[[^\]]*\]?|
                        r"""|/\*.*?(?:\*/|$)|\w+|\S""", re.DOTALL)
 CONDITION_ENDS = {"RETURNING", "ORDER", "LIMIT"}      # what may follow an UPDATE's WHERE
 UNSAFE_FUNCTIONS = {"load_extension", "fts3_tokenizer"}
+# The table a statement drops, deletes from or renames, read from bare_sql(statement)
+# (upper case, no comments): what a confirmation covers in the lost-row guard.
+SQL_NAME = r'(?:"(?:[^"]|"")*"|\[[^\]]*\]|`[^`]*`|[^\s.;(]+)'
+DROPS_TABLE = re.compile(rf"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})")
+DELETES_FROM = re.compile(rf"^(?:WITH\b.*?\b)?DELETE\s+FROM\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})")
+RENAMES_TABLE = re.compile(rf"^ALTER\s+TABLE\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})"
+                           rf"\s+RENAME\s+TO\s+(?P<new>{SQL_NAME})")
 SQLITE_TRANSACTION = 22             # the authorizer's action code for BEGIN/COMMIT/ROLLBACK
 
 TRACKING_TABLE = """
@@ -174,6 +182,7 @@ class Plan:
     create: bool = False
     direction: str = "up"
     applied: tuple[int, ...] = ()       # the versions recorded when the plan was made
+    allow_row_loss: tuple[str, ...] = ()    # --allow-row-loss: tables that may end with fewer rows
 
 
 @dataclass(frozen=True)
@@ -626,7 +635,8 @@ def refuse_unsafe(state: State) -> None:
                            f"then migrate")
 
 
-def plan_migrate(state: State, target: int | None, create: bool = False) -> Plan:
+def plan_migrate(state: State, target: int | None, create: bool = False,
+                 allow_row_loss: tuple[str, ...] = ()) -> Plan:
     name, current = state.instance.name, state.current_version or 0
     if target is not None and target not in {m.version for m in all_migrations(state.instance)}:
         raise CommandError(f"{name}: --to {target}: no such migration "
@@ -638,7 +648,7 @@ def plan_migrate(state: State, target: int | None, create: bool = False) -> Plan
     return Plan(instance=state.instance, from_version=current,
                 to_version=max([current] + [m.version for m in chosen]),
                 migrations=chosen, destructive=destructive_statements(chosen, "up"), create=create,
-                applied=tuple(a.version for a in state.applied))
+                applied=tuple(a.version for a in state.applied), allow_row_loss=allow_row_loss)
 
 
 def destructive_statements(migrations, direction: str) -> tuple[tuple[int, str, str], ...]:
@@ -690,16 +700,20 @@ class MigrationConnection:
 
 
 def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
-                   backup_note: str = "", record: bool = False) -> list[int]:
+                   backup_note: str = "", record: bool = False,
+                   ledger: RowLedger | None = None) -> list[int]:
     """Run the up (or down) parts inside the caller's transaction."""
     done = []
+    ledger = ledger or RowLedger()
     for migration in migrations:
         started = time.perf_counter()
         if migration.python:
-            run_python(conn, migration, direction, backup_note)
+            with ledger.watch_python(conn, migration):
+                run_python(conn, migration, direction, backup_note)
         for statement in (migration.up if direction == "up" else migration.down):
             try:
-                conn.execute(statement)
+                with ledger.watch_statement(conn, migration.version, statement):
+                    conn.execute(statement)
             except sqlite3.Error as exc:
                 raise CommandError(failure(migration, statement, exc, backup_note)) from exc
         if record and direction == "up":
@@ -745,13 +759,96 @@ def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def lost_rows(before: dict[str, int], after: dict[str, int]) -> list[str]:
+def table_key(name: str) -> str:
+    """A table name as SQLite compares it: unquoted, case-insensitive."""
+    if name[:1] in "\"[`" and len(name) > 1:
+        name = name[1:-1].replace('""', '"') if name[0] == '"' else name[1:-1]
+    return name.lower()
+
+
+class RowLedger:
+    """What a run's confirmed statements removed: the lost-row guard's allowance.
+
+    A confirmed DELETE FROM a table may remove the rows it removes from that table
+    (counted around the statement); a confirmed DROP TABLE may remove a table that
+    is not re-created under its name; a confirmed DESTRUCTIVE Python migration may
+    remove what it removes (every table counted around it). Renames are followed,
+    so a table renamed away keeps its rows under its new name.
+    """
+
+    def __init__(self, plan: Plan | None = None) -> None:
+        self.confirmed = {(v, s) for v, _, s in plan.destructive} if plan else set()
+        self.allowed = {table_key(t) for t in plan.allow_row_loss} if plan else set()
+        self.removed: dict[str, int] = {}       # table -> rows that confirmed statements removed
+        self.dropped: set[str] = set()          # tables a confirmed statement dropped
+        self.renamed: list[tuple[str, str]] = []    # (old, new), in the order they ran
+
+    @contextmanager
+    def watch_statement(self, conn: sqlite3.Connection, version: int, statement: str) -> Iterator[None]:
+        sql = bare_sql(statement)
+        confirmed = (version, statement) in self.confirmed
+        deleted = DELETES_FROM.match(sql) if confirmed else None
+        before = count_rows(conn, table_key(deleted["name"])) if deleted else 0
+        yield
+        if deleted:
+            self.note_removed(deleted["name"], before - count_rows(conn, table_key(deleted["name"])))
+        dropped, renamed = DROPS_TABLE.match(sql), RENAMES_TABLE.match(sql)
+        if confirmed and dropped:
+            self.dropped.add(table_key(dropped["name"]))
+        if renamed:
+            self.renamed.append((table_key(renamed["name"]), table_key(renamed["new"])))
+
+    @contextmanager
+    def watch_python(self, conn: sqlite3.Connection, migration: Migration) -> Iterator[None]:
+        confirmed = (migration.version, Path(migration.source).name) in self.confirmed
+        before = row_counts(conn) if confirmed else {}
+        yield
+        if confirmed:
+            after = row_counts(conn)
+            for table, count in before.items():
+                self.note_removed(table, count - after.get(table, 0))
+                if table not in after:
+                    self.dropped.add(table_key(table))
+
+    def note_removed(self, table: str, rows: int) -> None:
+        if rows > 0:
+            self.removed[table_key(table)] = self.removed.get(table_key(table), 0) + rows
+
+    def names(self, table: str) -> list[str]:
+        """The names a table had during the run, following its renames in order."""
+        names = [table_key(table)]
+        for old, new in self.renamed:
+            if old == names[-1]:
+                names.append(new)
+        return names
+
+
+def count_rows(conn: sqlite3.Connection, table: str) -> int:
+    quoted = '"' + table.replace('"', '""') + '"'
+    return conn.execute(f"SELECT COUNT(*) FROM {quoted}").fetchone()[0]
+
+
+def lost_rows(before: dict[str, int], after: dict[str, int], ledger: RowLedger) -> list[tuple[str, str]]:
+    """(table, what happened) for every table that lost rows no confirmation covers."""
+    now = {table_key(t): count for t, count in after.items()}
     lost = []
     for table, count in before.items():
-        if table not in after:
-            lost.append(f"table {table} ({count} rows) no longer exists")
-        elif after[table] < count:
-            lost.append(f"table {table} lost {count - after[table]} rows ({count} -> {after[table]})")
+        names = ledger.names(table)
+        if names[0] in ledger.allowed:
+            continue
+        if names[0] in now:                 # still there, or re-created: compared under its name
+            rows, allowance = now[names[0]], ledger.removed.get(names[0], 0)
+        elif len(names) > 1 and names[-1] in now:   # renamed away: its rows are under the new name
+            rows, allowance = now[names[-1]], sum(ledger.removed.get(n, 0) for n in names)
+        elif any(n in ledger.dropped for n in names):
+            continue                        # dropped by a confirmed DROP TABLE, not re-created
+        else:
+            lost.append((table, f"table {table} had {count} rows before the run and no longer "
+                                f"exists"))
+            continue
+        if count - rows > allowance:
+            lost.append((table, f"table {table} had {count} rows before the run and has {rows}"
+                                + (f" (confirmed statements removed {allowance})" if allowance else "")))
     return lost
 
 
@@ -811,8 +908,10 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
                                f"made; nothing done; run the command again")
         before = row_counts(conn)
         ensure_tracking_table(conn, migrations)
-        done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True)
-        check_before_commit(conn, plan, before, backup_note)
+        ledger = RowLedger(plan)
+        done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True,
+                              ledger=ledger)
+        check_before_commit(conn, plan, before, backup_note, ledger)
         if expected is not None:
             differences = compare_schemas(expected, schema_of(conn))
             if differences:
@@ -823,18 +922,20 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
 
 
 def check_before_commit(conn: sqlite3.Connection, plan: Plan, before: dict[str, int],
-                        note: str) -> None:
+                        note: str, ledger: RowLedger) -> None:
     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
     if broken:
         table, rowid, parent, _ = broken[0]
         raise CommandError(f"foreign key check failed: {len(broken)} row(s), e.g. {table} row "
                            f"{rowid} refers to a missing row in {parent}; rolled back, nothing "
                            f"changed{note}")
-    if not plan.destructive:
-        lost = lost_rows(before, row_counts(conn))
-        if lost:
-            raise CommandError(f"lost-row guard: {lost[0]}, and no confirmed destructive statement "
-                               f"explains it; rolled back, nothing changed{note}")
+    lost = lost_rows(before, row_counts(conn), ledger)
+    if lost:
+        flags = " ".join(f"--allow-row-loss {shlex.quote(table)}" for table, _ in lost)
+        raise CommandError(f"lost-row guard: {'; '.join(text for _, text in lost)}, and no confirmed "
+                           f"statement removed those rows (a confirmation covers only the statement "
+                           f"it confirms); rolled back, nothing changed; if that loss is intended, "
+                           f"run again with {flags}{note}")
 
 
 # --- Dry run -----------------------------------------------------------------
@@ -888,7 +989,7 @@ def shape_changes(before: dict[str, Table], after: dict[str, Table]) -> dict:
 
 # --- Rollback and baseline ---------------------------------------------------
 
-def plan_rollback(state: State, target: int) -> Plan:
+def plan_rollback(state: State, target: int, allow_row_loss: tuple[str, ...] = ()) -> Plan:
     name, current = state.instance.name, state.current_version or 0
     if target >= current:
         raise CommandError(f"{name}: at version {current}; --to {target} is not below it, "
@@ -902,7 +1003,7 @@ def plan_rollback(state: State, target: int) -> Plan:
                            f"('safe_db_update.py list-backups {name}', then 'restore {name} FILE')")
     return Plan(instance=state.instance, from_version=current, to_version=target,
                 migrations=undo, destructive=destructive_statements(undo, "down"), direction="down",
-                applied=tuple(a.version for a in state.applied))
+                applied=tuple(a.version for a in state.applied), allow_row_loss=allow_row_loss)
 
 
 def rollback_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
@@ -912,7 +1013,7 @@ def rollback_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
         require_database(instance)
         state = inspect(instance, migrations, quick_check=True, with_drift=False)
         refuse_unsafe(state)
-        plan = plan_rollback(state, args.to)
+        plan = plan_rollback(state, args.to, tuple(args.allow_row_loss))
         entry.update(version_before=plan.from_version, version_after=plan.from_version)
         if plan.destructive:
             confirm_destructive(args, plan)
@@ -1027,7 +1128,7 @@ def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> 
                            f"make a new one (never use it to replace a lost database: restore it)")
     state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
     refuse_unsafe(state)
-    plan = plan_migrate(state, args.to, create=missing)
+    plan = plan_migrate(state, args.to, create=missing, allow_row_loss=tuple(args.allow_row_loss))
     entry.update(version_before=state.current_version, version_after=state.current_version)
     if args.dry_run:
         rehearsal = rehearse(plan, migrations) if plan.migrations else None
@@ -1419,11 +1520,18 @@ def add_migrate_options(parser: argparse.ArgumentParser) -> None:
                         help="apply pending migrations up to this version only")
     parser.add_argument("--create", action="store_true",
                         help="make the database file if it does not exist")
+    add_row_loss_option(parser)
     parser.add_argument("--keep-going", action="store_true",
                         help="several instances: go on with the next after a failure")
     parser.add_argument("--jobs", type=positive_number, default=1, metavar="N",
                         help="several instances: migrate N at once, in separate processes "
                              "(implies --keep-going)")
+
+
+def add_row_loss_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-row-loss", action="append", default=[], metavar="TABLE",
+                        help="let TABLE end the run with fewer rows than it had (repeatable); "
+                             "see the lost-row guard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1450,6 +1558,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "run the down parts above V, newest first, after a backup")
     rollback.add_argument("name", metavar="NAME")
     rollback.add_argument("--to", type=version_number, metavar="V", required=True)
+    add_row_loss_option(rollback)
     new = add_command(commands, "new", cmd_new, "write the next numbered migration file")
     new.add_argument("description", metavar="DESCRIPTION")
     new.add_argument("--python", action="store_true", help="a .py migration with up(conn)")
