@@ -788,10 +788,10 @@ class RowLedger:
         sql = bare_sql(statement)
         confirmed = (version, statement) in self.confirmed
         deleted = DELETES_FROM.match(sql) if confirmed else None
-        before = count_rows(conn, table_key(deleted["name"])) if deleted else 0
+        before = count_rows(conn, deleted["name"]) if deleted else None
         yield
-        if deleted:
-            self.note_removed(deleted["name"], before - count_rows(conn, table_key(deleted["name"])))
+        if before is not None:
+            self.note_removed(deleted["name"], before - (count_rows(conn, deleted["name"]) or 0))
         dropped, renamed = DROPS_TABLE.match(sql), RENAMES_TABLE.match(sql)
         if confirmed and dropped:
             self.dropped.add(table_key(dropped["name"]))
@@ -823,9 +823,14 @@ class RowLedger:
         return names
 
 
-def count_rows(conn: sqlite3.Connection, table: str) -> int:
-    quoted = '"' + table.replace('"', '""') + '"'
-    return conn.execute(f"SELECT COUNT(*) FROM {quoted}").fetchone()[0]
+def count_rows(conn: sqlite3.Connection, name: str) -> int | None:
+    """Rows in the table a statement names; None if that name is no table we can count
+    (the statement then fails on its own, or its rows are simply not allowed for)."""
+    quoted = '"' + table_key(name).replace('"', '""') + '"'
+    try:
+        return conn.execute(f"SELECT COUNT(*) FROM {quoted}").fetchone()[0]
+    except sqlite3.OperationalError:
+        return None
 
 
 def lost_rows(before: dict[str, int], after: dict[str, int], ledger: RowLedger) -> list[tuple[str, str]]:

@@ -32,6 +32,9 @@ ALTER TABLE user_new RENAME TO user;
 """
 
 
+DELETING_PYTHON = "DESTRUCTIVE = True\n\ndef up(conn):\n    conn.execute('DELETE FROM payment WHERE id = 1')\n"
+
+
 class GuardTestCase(ApplyTestCase):
     """dev at version 3 (user.is_admin as text), three users, one stored with is_admin = 0."""
 
@@ -207,15 +210,13 @@ class CoverageTests(GuardTestCase):
         self.assertIn("--allow-row-loss payment", err)
 
     def test_a_destructive_python_migration_covers_what_it_removes(self) -> None:
-        self.add(4, "DESTRUCTIVE = True\n\ndef up(conn):\n    conn.execute('DELETE FROM payment WHERE id = 1')\n",
-                 suffix="py")
+        self.add(4, DELETING_PYTHON, suffix="py")
         code, _, err = self.migrate("dev", "--yes")
         self.assertEqual(code, 0, err)
         self.assertEqual(self.count("payment"), 1)
 
     def test_a_destructive_python_migration_does_not_cover_a_later_rebuild(self) -> None:
-        self.add(4, "DESTRUCTIVE = True\n\ndef up(conn):\n    conn.execute('DELETE FROM payment WHERE id = 1')\n",
-                 suffix="py")
+        self.add(4, DELETING_PYTHON, suffix="py")
         self.add(5, USERS_REBUILD)
         err = self.assertFailedAndRolledBack("--yes")
         self.assertRefusedForRowLoss(err, "user", 3, 2)
