@@ -43,8 +43,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 CONFIG_FILE = "instances.ini"
 CONFIG_ENV = "DB_MIGRATION_CONFIG"
 DEFAULTS = {"backup_dir": "backups", "migrations_dir": "migrations",
-            "keep_backups": "30", "busy_timeout": "30", "protected": "no"}
-KNOWN_KEYS = {"path", "protected", "backup_dir", "migrations_dir", "keep_backups", "busy_timeout"}
+            "keep_backups": "30", "busy_timeout": "30", "protected": "no",
+            "keep_daily": "0", "keep_weekly": "0", "keep_monthly": "0"}
+KNOWN_KEYS = {"path", "protected", "backup_dir", "migrations_dir", "keep_backups", "busy_timeout",
+              "keep_daily", "keep_weekly", "keep_monthly"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REASONS = ("manual", "pre-migrate", "pre-restore", "pre-rollback")
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -89,6 +91,9 @@ class Instance:
     busy_timeout: float = 30.0
     protected: bool = False
     group: str = ""                 # the fleet section this instance belongs to, if any
+    keep_daily: int = 0             # also keep the newest backup of each of the last N days
+    keep_weekly: int = 0            # ... ISO weeks
+    keep_monthly: int = 0           # ... months (all in UTC)
 
     @property
     def home(self) -> Path:
@@ -116,12 +121,33 @@ class Backup:
     sqlite_version: str
     verified: bool
     seconds: float = 0.0
+    has_manifest: bool = True       # False: a .db file alone, listed as unverified
 
     def manifest(self) -> dict:
         return {"sha256": self.sha256, "size": self.size, "created_at": self.created_at,
                 "source": self.source, "schema_version": self.schema_version,
                 "reason": self.reason, "sqlite_version": self.sqlite_version,
                 "verified": self.verified}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which verified backups retention keeps; see 'Retention' in the manual."""
+    last: int                       # keep_backups: the newest N restore points; 0 keeps all
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One backup and the rules that keep it; no rule: retention removes it."""
+    backup: Backup
+    kept_by: tuple[str, ...]        # 'newest', 'keep_backups', 'keep_daily 2026-11-28', ...
+
+    @property
+    def keep(self) -> bool:
+        return bool(self.kept_by)
 
 
 @dataclass(frozen=True)
@@ -242,6 +268,9 @@ def section_settings(config: Path, section: configparser.SectionProxy) -> tuple[
     settings = dict(backup_dir=resolve(base, section["backup_dir"]),
                     migrations_dir=resolve(base, section["migrations_dir"]),
                     config=config, keep_backups=whole_number(section, "keep_backups", where),
+                    keep_daily=whole_number(section, "keep_daily", where),
+                    keep_weekly=whole_number(section, "keep_weekly", where),
+                    keep_monthly=whole_number(section, "keep_monthly", where),
                     busy_timeout=seconds(section, where), protected=flag(section, where))
     return raw_path, settings, where
 
@@ -523,7 +552,7 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
     folder = instance.backup_folder
     make_private_folder(instance.home)
     make_private_folder(folder)
-    discard(*folder.glob(".*.partial"))     # left by a killed backup; callers hold the lock
+    clear_leftovers(folder)                 # left by a killed backup; callers hold the lock
     final = unique_backup_path(folder, instance.stem, reason)
     partial = folder / f".{final.name}.partial"
     try:
@@ -540,6 +569,18 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
         discard(partial, Path(f"{final}.json.partial"))
         raise
     return replace(backup, seconds=time.perf_counter() - started)
+
+
+def clear_leftovers(folder: Path) -> None:
+    """Remove what a killed backup or prune leaves: hidden partial copies, manifest drafts,
+    and manifests whose backup file is missing. Only under the instance's lock."""
+    for entry in os.scandir(folder):
+        name = entry.name
+        orphan = name.endswith(".db.json") and BACKUP_NAME.fullmatch(name[:-len(".json")]) \
+            and not os.path.lexists(entry.path[:-len(".json")])
+        if (name.startswith(".") and name.endswith(".partial")) or name.endswith(".db.json.partial") \
+                or orphan:
+            discard(Path(entry.path))
 
 
 def unique_backup_path(folder: Path, stem: str, reason: str) -> Path:
@@ -717,7 +758,8 @@ def read_manifest(path: Path) -> Backup | None:
 
 
 def list_backups(instance: Instance) -> list[Backup]:
-    """Complete backups (file and manifest), newest first."""
+    """Every backup file in the folder, newest first; one without a readable manifest is
+    listed too, as an unverified copy (has_manifest False)."""
     folder = instance.backup_folder
     if not folder.is_dir():
         return []
@@ -726,35 +768,74 @@ def list_backups(instance: Instance) -> list[Backup]:
         if entry.name.startswith(".") or not BACKUP_NAME.fullmatch(entry.name):
             continue
         backup = read_manifest(Path(entry.path))
+        if backup is None and entry.is_file(follow_symlinks=False):
+            backup = bare_backup(Path(entry.path))
         if backup is not None:
             found.append(backup)
     return sorted(found, key=lambda b: (b.created_at, b.path.name), reverse=True)
 
 
-def newest_backup_time(instance: Instance) -> str | None:
-    """created_at of the newest backup, from file names alone (no manifest reads)."""
-    folder = instance.backup_folder
+def bare_backup(path: Path) -> Backup | None:
+    """A backup file without a readable manifest: its time and reason from its name."""
+    match = BACKUP_NAME.fullmatch(path.name)
     try:
-        names = [e.name for e in os.scandir(folder)
-                 if not e.name.startswith(".") and BACKUP_NAME.fullmatch(e.name)
-                 and os.path.exists(f"{e.path}.json")]
+        size = path.stat().st_size
     except OSError:
         return None
-    if not names:
-        return None
-    stamp = max(BACKUP_NAME.fullmatch(n).group("stamp") for n in names)
+    return Backup(path=Path(os.path.abspath(path)), sha256="", size=size,
+                  created_at=stamp_as_iso(match["stamp"]), source="", schema_version=None,
+                  reason=match["reason"], sqlite_version="", verified=False, has_manifest=False)
+
+
+def stamp_as_iso(stamp: str) -> str:
+    """'20261123T020000123456Z' (a file name's time) as '2026-11-23T02:00:00.123456Z'."""
     return (f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:"
             f"{stamp[13:15]}.{stamp[15:21]}Z")
 
 
+def backup_time(backup: Backup) -> datetime.datetime | None:
+    """When the backup was made (its created_at, in UTC); None when that cannot be read."""
+    try:
+        when = datetime.datetime.fromisoformat(backup.created_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc)
+
+
+def is_future(backup: Backup, now: datetime.datetime) -> bool:
+    """Dated after now (the clock was stepped back since), or with no readable time."""
+    when = backup_time(backup)
+    return when is None or when > now
+
+
+def newest_verified(backups: list[Backup]) -> Backup | None:
+    """'The newest' for restore, verify, info and status: in a newest-first list, the first
+    verified backup that is not dated in the future."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return next((b for b in backups if b.verified and not is_future(b, now)), None)
+
+
+def newest_backup_time(instance: Instance) -> str | None:
+    """created_at (from its manifest) of the newest verified backup, for status."""
+    newest = newest_verified(list_backups(instance))
+    return newest.created_at if newest else None
+
+
 def find_backup(instance: Instance, file: str | None) -> Backup:
-    """The named backup (a path or a bare file name in the folder), or the newest."""
+    """The named backup (a path or a bare file name in the folder), or the newest verified."""
     if not file:
         backups = list_backups(instance)
+        newest = newest_verified(backups)
+        if newest is not None:
+            return newest
         if not backups:
             raise CommandError(f"{instance.name}: no backups in {instance.backup_folder}; "
                                f"make one with 'backup {instance.name}'")
-        return backups[0]
+        raise CommandError(f"{instance.name}: no verified backup in {instance.backup_folder}, only "
+                           f"{len(backups)} unverified or future-dated; see 'list-backups "
+                           f"{instance.name}' and name a FILE")
     path = Path(file)
     if not path.exists() and len(path.parts) == 1:
         path = instance.backup_folder / file
@@ -874,13 +955,80 @@ def replace_file(instance: Instance, backup: Backup) -> list[str]:
         return integrity_problems(conn)
 
 
-def prune_backups(instance: Instance, keep: int, spare: Path | None = None) -> list[Backup]:
-    """Backups beyond the newest `keep` (never `spare`, never a live database)."""
-    if keep <= 0:
-        return []
-    backups = [b for b in list_backups(instance) if b.path != spare]
-    room = keep - 1 if spare is not None else keep
-    return [b for b in backups[room:] if b.path.resolve() != instance.path.resolve()]
+def retention_policy(instance: Instance, keep: int | None = None) -> Policy:
+    """The instance's retention keys; keep (prune --keep N) stands in for keep_backups."""
+    return Policy(last=instance.keep_backups if keep is None else keep, daily=instance.keep_daily,
+                  weekly=instance.keep_weekly, monthly=instance.keep_monthly)
+
+
+def plan_retention(instance: Instance, policy: Policy, spare: Path | None = None) -> list[Verdict]:
+    """Every backup, newest first, with the rules that keep it; the rest may be removed.
+
+    Only verified backups dated up to now count. The newest of them is always kept; then
+    the newest policy.last backups and, further back, the oldest copy of each of the newest
+    policy.last restore points (a run of identical copies, same SHA-256, is one point), and
+    the newest backup of each of the last N days, ISO weeks and months (UTC) that have
+    one. A backup dated in the future is kept and
+    counts for nothing. An unverified copy is kept while it is newer than the oldest
+    verified backup kept. spare (the backup just made) and a live database always stay.
+    """
+    backups = list_backups(instance)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rules: dict[Path, list[str]] = {b.path: [] for b in backups}
+    live = instance.path.resolve()
+    for backup in backups:
+        fixed = (("keep_backups = 0", policy.last == 0), ("just made", backup.path == spare),
+                 ("live database", backup.path.resolve() == live),
+                 ("future", is_future(backup, now)))
+        rules[backup.path].extend(rule for rule, applies in fixed if applies)
+    dated = [b for b in backups if b.verified and not is_future(b, now)]
+    if dated:
+        rules[dated[0].path].append("newest")
+    for backup in dated[:policy.last] + restore_points(dated)[:policy.last]:
+        if "keep_backups" not in rules[backup.path]:
+            rules[backup.path].append("keep_backups")
+    for rule, count in (("keep_daily", policy.daily), ("keep_weekly", policy.weekly),
+                        ("keep_monthly", policy.monthly)):
+        for backup, period in newest_per_period(dated, rule)[:count]:
+            rules[backup.path].append(f"{rule} {period}")
+    kept = [backup_time(b) for b in dated if rules[b.path]]
+    for backup in backups:
+        if not backup.verified and not rules[backup.path] and (not kept or backup_time(backup) > kept[-1]):
+            rules[backup.path].append("unverified")
+    return [Verdict(b, tuple(rules[b.path])) for b in backups]
+
+
+def restore_points(backups: list[Backup]) -> list[Backup]:
+    """One backup per run of identical copies (same SHA-256) in a newest-first list: its oldest."""
+    points: list[Backup] = []
+    for backup in backups:
+        if points and backup.sha256 == points[-1].sha256:
+            points[-1] = backup             # an older copy of the same restore point
+        else:
+            points.append(backup)
+    return points
+
+
+def newest_per_period(backups: list[Backup], rule: str) -> list[tuple[Backup, str]]:
+    """The newest backup of each UTC day, ISO week or month that has one, newest first."""
+    chosen: list[tuple[Backup, str]] = []
+    for backup in backups:
+        when = backup_time(backup)
+        if rule == "keep_weekly":
+            year, week, _ = when.isocalendar()
+            period = f"{year}-W{week:02d}"
+        else:
+            period = when.strftime("%Y-%m-%d" if rule == "keep_daily" else "%Y-%m")
+        if not chosen or chosen[-1][1] != period:
+            chosen.append((backup, period))
+    return chosen
+
+
+def prune_backups(instance: Instance, keep: int | None = None,
+                  spare: Path | None = None) -> list[Backup]:
+    """The backups retention removes (see plan_retention); keep stands in for keep_backups."""
+    return [v.backup for v in plan_retention(instance, retention_policy(instance, keep), spare)
+            if not v.keep]
 
 
 def remove_backups(backups: list[Backup]) -> None:
@@ -896,7 +1044,7 @@ def remove_backups(backups: list[Backup]) -> None:
 
 def backup_with_retention(instance: Instance, reason: str, progress: bool = False) -> tuple[Backup, list[Backup]]:
     backup = create_backup(instance, reason, progress)
-    removed = prune_backups(instance, instance.keep_backups, spare=backup.path)
+    removed = prune_backups(instance, spare=backup.path)
     remove_backups(removed)
     return backup, removed
 
@@ -1030,28 +1178,72 @@ def format_backup(instance: Instance, backup: Backup, removed: list[Backup]) -> 
              f"{backup.seconds:.2f}s){'' if backup.verified else ' UNVERIFIED'}"]
     if removed:
         lines.append(f"{instance.name}: removed {len(removed)} old backup(s) "
-                     f"(keep_backups = {instance.keep_backups})")
+                     f"(keeping {describe_policy(retention_policy(instance))})")
     return "\n".join(lines)
 
 
-def listing_as_json(backup: Backup) -> dict:
+def describe_policy(policy: Policy) -> str:
+    """'keep_backups = 7, keep_daily = 14': the keys that are set."""
+    keys = (("keep_backups", policy.last), ("keep_daily", policy.daily),
+            ("keep_weekly", policy.weekly), ("keep_monthly", policy.monthly))
+    return ", ".join(f"{key} = {value}" for key, value in keys if value or key == "keep_backups")
+
+
+def policy_as_json(policy: Policy) -> dict:
+    return {"keep_backups": policy.last, "keep_daily": policy.daily,
+            "keep_weekly": policy.weekly, "keep_monthly": policy.monthly}
+
+
+def verdict_as_json(verdict: Verdict) -> dict:
+    return {"path": str(verdict.backup.path), "created_at": verdict.backup.created_at,
+            "verified": verdict.backup.verified, "keep": verdict.keep,
+            "kept_by": list(verdict.kept_by)}
+
+
+def format_prune(instance: Instance, policy: Policy, verdicts: list[Verdict], dry_run: bool) -> str:
+    verb = "would remove" if dry_run else "removed"
+    width = max((len(v.backup.path.name) for v in verdicts), default=0)
+    lines = [f"{instance.name}: {'keep' if v.keep else verb:<12} {v.backup.path.name:<{width}}  "
+             f"{', '.join(v.kept_by)}".rstrip() for v in verdicts]
+    doomed = sum(not v.keep for v in verdicts)
+    lines.append(f"{instance.name}: {verb} {doomed} backup(s), keeping {len(verdicts) - doomed} "
+                 f"({describe_policy(policy)})")
+    return "\n".join(lines)
+
+
+def backup_marks(backup: Backup, now: datetime.datetime) -> list[str]:
+    """What list-backups says beside a backup that is not an ordinary verified one."""
+    marks = [] if backup.verified else ["unverified" + ("" if backup.has_manifest else " (no manifest)")]
+    return marks + (["dated in the future"] if is_future(backup, now) else [])
+
+
+def listing_as_json(backup: Backup, now: datetime.datetime) -> dict:
     return {"path": str(backup.path), "created_at": backup.created_at, "size": backup.size,
             "schema_version": backup.schema_version, "reason": backup.reason,
-            "sha256": backup.sha256, "verified": backup.verified}
+            "sha256": backup.sha256 or None, "verified": backup.verified,
+            "future": is_future(backup, now)}
 
 
-def format_listing(instance: Instance, backups: list[Backup]) -> str:
+def format_listing(instance: Instance, backups: list[Backup], now: datetime.datetime) -> str:
     if not backups:
         return f"{instance.name}: no backups in {instance.backup_folder}"
     lines = [f"{'file':<52} {'created (UTC)':<27} {'size':>10} {'version':>7}  reason"]
     for b in backups:
         version = "?" if b.schema_version is None else str(b.schema_version)
+        marks = backup_marks(b, now)
         lines.append(f"{b.path.name:<52} {b.created_at:<27} {human_size(b.size):>10} "
-                     f"{version:>7}  {b.reason}")
+                     f"{version:>7}  {b.reason}" + (f"  {', '.join(marks).upper()}" if marks else ""))
+    if any(not b.verified for b in backups):
+        lines.append(f"UNVERIFIED: a copy that failed its integrity check or has no manifest; "
+                     f"never restored or verified by default (see 'check {instance.name}')")
+    if any(is_future(b, now) for b in backups):
+        lines.append("DATED IN THE FUTURE: made while the clock was ahead; kept, never taken "
+                     "as the newest")
     return "\n".join(lines)
 
 
 def info_as_json(info: Info) -> dict:
+    newest = newest_verified(list(info.backups))
     return {"name": info.instance.name, "path": str(info.instance.path), "size": info.size,
             "sqlite_version": sqlite3.sqlite_version, "page_size": info.page_size,
             "page_count": info.page_count, "freelist_count": info.freelist_count,
@@ -1061,11 +1253,12 @@ def info_as_json(info: Info) -> dict:
             "indexes": list(info.indexes), "views": list(info.views),
             "triggers": list(info.triggers),
             "backups": {"count": len(info.backups),
-                        "newest": str(info.backups[0].path) if info.backups else None}}
+                        "newest": str(newest.path) if newest else None}}
 
 
 def format_info(info: Info) -> str:
-    newest = info.backups[0] if info.backups else None
+    newest = newest_verified(list(info.backups))
+    unverified = sum(not b.verified for b in info.backups)
     lines = [f"instance:       {info.instance.name}",
              f"path:           {info.instance.path}",
              f"size:           {human_size(info.size)} ({info.size} bytes)",
@@ -1075,7 +1268,8 @@ def format_info(info: Info) -> str:
              f"journal mode:   {info.journal_mode}",
              f"schema version: {info.schema_version}",
              f"backups:        {len(info.backups)}"
-             + (f", newest {newest.created_at} ({newest.path.name})" if newest else ""),
+             + (f" ({unverified} unverified)" if unverified else "")
+             + (f", newest verified {newest.created_at} ({newest.path.name})" if newest else ""),
              "tables:"]
     width = max((len(t.name) for t in info.tables), default=0)
     lines += [f"  {t.name:<{width}}  {t.rows:>9} rows  {', '.join(t.columns)}" for t in info.tables]
@@ -1133,8 +1327,9 @@ def locked_backup(instance: Instance, progress: bool = False) -> tuple[Backup, l
 def cmd_list_backups(args: argparse.Namespace) -> int:
     instance = get_instance(args)
     backups = list_backups(instance)
-    emit(args, format_listing(instance, backups),
-         {"name": instance.name, "backups": [listing_as_json(b) for b in backups]})
+    now = datetime.datetime.now(datetime.timezone.utc)
+    emit(args, format_listing(instance, backups, now),
+         {"name": instance.name, "backups": [listing_as_json(b, now) for b in backups]})
     return EXIT_OK
 
 
@@ -1154,13 +1349,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with audited(instance, "restore") as entry:
         backup = find_backup(instance, args.file)
         entry["restored_from"] = str(backup.path)
-        problems = verify_backup(backup)
-        if problems:
-            raise CommandError(f"{instance.name}: {backup.path} failed verification ({problems[0]}); "
-                               f"nothing restored; choose another with 'list-backups {instance.name}'")
         confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
                                 f"with {backup.path.name}?")
         with instance_lock(instance, "restore"):
+            problems = verify_backup(backup)    # under the lock: no prune can remove it now
+            if problems:
+                raise CommandError(f"{instance.name}: {backup.path} failed verification "
+                                   f"({problems[0]}); nothing restored; choose another with "
+                                   f"'list-backups {instance.name}'")
             safety, after = restore_backup(instance, backup)
             entry.update(backup=safety and str(safety.path),
                          version_before=safety and safety.schema_version)
@@ -1199,25 +1395,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     instance = get_instance(args)
     if args.keep is not None and args.keep < 1:
         raise CommandError(f"--keep {args.keep}: keep at least 1 backup", EXIT_USAGE)
-    keep = instance.keep_backups if args.keep is None else args.keep
-    if keep == 0:
+    policy = retention_policy(instance, args.keep)
+    if policy.last == 0:
         emit(args, f"{instance.name}: keep_backups = 0 keeps every backup; nothing to prune "
                    f"(give --keep N to prune anyway)",
-             {"name": instance.name, "keep": 0, "dry_run": args.dry_run, "removed": []})
+             {"name": instance.name, "keep": 0, "dry_run": args.dry_run, "removed": [],
+              "policy": policy_as_json(policy), "backups": []})
         return EXIT_OK
-    doomed = prune_backups(instance, keep)
+    verdicts = plan_retention(instance, policy)
+    doomed = [v.backup for v in verdicts if not v.keep]
     if doomed and not args.dry_run:
         confirm(args, instance, f"Remove {len(doomed)} old backup(s) of {instance.name}, "
-                                f"keeping the newest {keep}?")
+                                f"keeping {describe_policy(policy)}?")
         with audited(instance, "prune") as entry, instance_lock(instance, "prune"):
-            doomed = prune_backups(instance, keep)
+            verdicts = plan_retention(instance, policy)
+            doomed = [v.backup for v in verdicts if not v.keep]
             entry["removed"] = [str(b.path) for b in doomed]
             remove_backups(doomed)
-    verb = "would remove" if args.dry_run else "removed"
-    text = "\n".join([f"{instance.name}: {verb} {b.path.name}" for b in doomed]
-                     + [f"{instance.name}: {verb} {len(doomed)} backup(s), keeping {keep}"])
-    emit(args, text, {"name": instance.name, "keep": keep, "dry_run": args.dry_run,
-                      "removed": [str(b.path) for b in doomed]})
+    emit(args, format_prune(instance, policy, verdicts, args.dry_run),
+         {"name": instance.name, "keep": policy.last, "dry_run": args.dry_run,
+          "removed": [str(b.path) for b in doomed], "policy": policy_as_json(policy),
+          "backups": [verdict_as_json(v) for v in verdicts]})
     return EXIT_OK
 
 

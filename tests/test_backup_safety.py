@@ -290,11 +290,12 @@ class LockTests(SafetyTestCase):
 
     def test_restore_and_prune_are_refused_while_the_lock_is_held(self) -> None:
         live = self.create()
-        for _ in range(2):
+        for user_id in (3, 4):          # two different states: identical copies do not count
             self.assertEqual(self.run_script("safe_db_update.py", "backup", "dev").returncode, 0)
-        with closing(sqlite3.connect(live)) as conn:
-            conn.execute("INSERT INTO user (id, email, name) VALUES (3, 'c@x', 'Cy')")
-            conn.commit()
+            with closing(sqlite3.connect(live)) as conn:
+                conn.execute("INSERT INTO user (id, email, name) VALUES (?, 'c@x' || ?, 'Cy')",
+                             (user_id, user_id))
+                conn.commit()
         digest, made = sha256(live), self.backups()
         self.hold_lock()
         for argv in (("restore", "dev", "--yes"), ("prune", "dev", "--keep", "1", "--yes")):
@@ -428,7 +429,7 @@ class CorruptDatabaseTests(SafetyTestCase):
         self.assertEqual(self.run_script("safe_db_update.py", "backup", "dev").returncode, 1)
         [copy] = [b for b in self.backups() if b != self.good]
         count = len(self.backups())
-        for argv in (("restore", "dev", "--yes"), ("restore", "dev", copy.name, "--yes")):
+        for argv in (("restore", "dev", copy.name, "--yes"),):   # without FILE: the newest verified
             with self.subTest(argv=argv):
                 result = self.run_script("safe_db_update.py", *argv)
                 self.assertEqual(result.returncode, 1)

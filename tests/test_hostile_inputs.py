@@ -372,7 +372,8 @@ HOSTILE_JSON = ("[]", "null", '"manifest"', "{}", '{"sha256": 1, "size": "big"}'
 
 
 class HostileManifestTests(HostileTestCase):
-    """A backup whose manifest is unreadable is not a backup: not listed, not verified."""
+    """A backup whose manifest is unreadable is not a backup: listed as unverified, never
+    verified or restored."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -384,13 +385,16 @@ class HostileManifestTests(HostileTestCase):
     def assertBackupIgnored(self) -> None:
         before = self.files()
         code, out, err = self.run_cli(safe_db_update, "list-backups", "dev", "--json")
-        self.assertEqual((code, err, json.loads(out)["backups"]), (0, "", []))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([(b["path"], b["verified"], b["sha256"]) for b in json.loads(out)["backups"]],
+                         [(str(self.backup), False, None)])
         self.assertRefused(self.run_cli(safe_db_update, "verify", "dev", self.backup.name), (1,),
                            ("no readable manifest",))
-        self.assertRefused(self.run_cli(safe_db_update, "verify", "dev"), (1,), ("no backups",))
+        self.assertRefused(self.run_cli(safe_db_update, "verify", "dev"), (1,),
+                           ("no verified backup",))
         self.assertRefused(self.run_cli(safe_db_update, "restore", "dev", "--yes"), (1,))
         code, out, err = self.run_cli(safe_db_update, "info", "dev", "--json")
-        self.assertEqual((code, err, json.loads(out)["backups"]["count"]), (0, "", 0))
+        self.assertEqual((code, err, json.loads(out)["backups"]), (0, "", {"count": 1, "newest": None}))
         self.assertEqual(self.files(), before)
 
     def test_random_bytes_as_a_manifest(self) -> None:

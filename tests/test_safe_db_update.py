@@ -197,13 +197,14 @@ class RetentionTests(BackupTestCase):
         just_made = Path(self.backup()["path"])
         self.assertTrue(just_made.is_file())
         self.assertTrue(Path(f"{just_made}.json").is_file())
-        self.assertEqual(len(self.backups()), 3)
+        self.assertEqual(len(self.backups()), 5)        # future-dated backups are kept, too
         self.assertIn(just_made, self.backups())
 
     def test_retention_never_touches_the_live_database(self) -> None:
         live = self.create()
-        digest = sha256(live)
-        for _ in range(5):
+        for user_id in range(10, 15):
+            self.add_user(user_id)      # different states: identical copies do not count
+            digest = sha256(live)
             self.backup()
         self.assertEqual(sha256(live), digest)
         self.assertEqual(len(self.backups()), 3)
@@ -241,7 +242,11 @@ class PruneTests(BackupTestCase):
 
     def make_backups(self, count: int) -> list[Path]:
         self.create()
-        return [Path(self.backup()["path"]) for _ in range(count)]
+        made = []
+        for user_id in range(10, 10 + count):
+            self.add_user(user_id)      # different states: identical copies do not count
+            made.append(Path(self.backup()["path"]))
+        return made
 
     def test_keep_0_in_the_ini_keeps_every_backup(self) -> None:
         made = self.make_backups(4)
@@ -253,9 +258,9 @@ class PruneTests(BackupTestCase):
         code, out, err = self.cli("prune", "dev", "--keep", "2", "--dry-run")
         self.assertEqual(code, 0, err)
         for doomed in made[:3]:
-            self.assertIn(doomed.name, out)
+            self.assertIn(f"would remove {doomed.name}", out)
         for kept in made[3:]:
-            self.assertNotIn(kept.name, out)
+            self.assertIn(f"keep         {kept.name}", out)
         self.assertEqual(sorted(p.name for p in (self.root / "backups" / "dev" / "database").iterdir()),
                          files)
 
@@ -305,13 +310,15 @@ class ListBackupsTests(BackupTestCase):
         self.assertEqual(entry["reason"], "manual")
         self.assertEqual(entry["sha256"], sha256(backup))
 
-    def test_a_database_file_without_a_manifest_is_not_listed(self) -> None:
+    def test_a_database_file_without_a_manifest_is_listed_as_unverified(self) -> None:
         self.create()
         backup = Path(self.backup()["path"])
         orphan = backup.with_name("dev-20200101T000000000000Z-manual.db")
         shutil.copyfile(backup, orphan)
         code, out, err = self.cli("list-backups", "dev", "--json")
-        self.assertEqual([Path(b["path"]) for b in json.loads(out)["backups"]], [backup])
+        listed = json.loads(out)["backups"]
+        self.assertEqual([(Path(b["path"]), b["verified"]) for b in listed],
+                         [(backup, True), (orphan, False)])
 
 
 class VerifyTests(BackupTestCase):
@@ -632,7 +639,9 @@ class HistoryTests(BackupTestCase):
         self.create()
         skip = len(self.history())                              # the migrate --create line
         first = Path(self.backup()["path"])
+        self.add_user(3)                # different states: identical copies do not count
         self.backup()
+        self.add_user(4)
         code, _, err = self.cli("restore", "dev", first.name, "--yes")
         self.assertEqual(code, 0, err)
         code, _, err = self.cli("prune", "dev", "--keep", "1", "--yes")
@@ -687,9 +696,12 @@ class FunctionTests(BackupTestCase):
 
     def test_prune_backups_never_returns_the_spared_backup(self) -> None:
         self.create()
-        made = [safe_db_update.create_backup(self.instance()).path for _ in range(3)]
+        made = []
+        for user_id in range(10, 13):
+            self.add_user(user_id)      # different states: identical copies do not count
+            made.append(safe_db_update.create_backup(self.instance()).path)
         doomed = safe_db_update.prune_backups(self.instance(), 1, spare=made[0])
-        self.assertEqual(sorted(b.path for b in doomed), sorted(made[1:]))
+        self.assertEqual(sorted(b.path for b in doomed), [made[1]])     # made[2] is the newest
 
     def test_check_database_returns_no_problems_for_a_healthy_database(self) -> None:
         self.create()
