@@ -133,7 +133,7 @@ class Backup:
 @dataclass(frozen=True)
 class Policy:
     """Which verified backups retention keeps; see 'Retention' in the manual."""
-    last: int                       # keep_backups: the newest N restore points; 0 keeps all
+    last: int                       # keep_backups: the newest N backups and restore points; 0: all
     daily: int = 0
     weekly: int = 0
     monthly: int = 0
@@ -968,9 +968,9 @@ def plan_retention(instance: Instance, policy: Policy, spare: Path | None = None
     the newest policy.last backups and, further back, the oldest copy of each of the newest
     policy.last restore points (a run of identical copies, same SHA-256, is one point), and
     the newest backup of each of the last N days, ISO weeks and months (UTC) that have
-    one. A backup dated in the future is kept and
-    counts for nothing. An unverified copy is kept while it is newer than the oldest
-    verified backup kept. spare (the backup just made) and a live database always stay.
+    one. A backup dated in the future is kept and counts for nothing. An unverified copy
+    is kept while it is newer than the oldest verified backup kept. spare (the backup
+    just made) and a live database always stay.
     """
     backups = list_backups(instance)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -993,7 +993,8 @@ def plan_retention(instance: Instance, policy: Policy, spare: Path | None = None
             rules[backup.path].append(f"{rule} {period}")
     kept = [backup_time(b) for b in dated if rules[b.path]]
     for backup in backups:
-        if not backup.verified and not rules[backup.path] and (not kept or backup_time(backup) > kept[-1]):
+        newer = not kept or backup_time(backup) > kept[-1]     # than the oldest verified kept
+        if not backup.verified and not rules[backup.path] and newer:
             rules[backup.path].append("unverified")
     return [Verdict(b, tuple(rules[b.path])) for b in backups]
 
@@ -1464,19 +1465,22 @@ def build_parser() -> argparse.ArgumentParser:
                 "an instance's backups, newest first").add_argument("name", metavar="NAME")
     verify = add_command(commands, "verify", cmd_verify, "check a backup's SHA-256 and integrity")
     verify.add_argument("name", metavar="NAME")
-    verify.add_argument("file", metavar="FILE", nargs="?", help="default: the newest backup")
+    verify.add_argument("file", metavar="FILE", nargs="?", help="default: the newest verified backup")
     restore = add_command(commands, "restore", cmd_restore,
                           "put a verified backup's contents back into the live database")
     restore.add_argument("name", metavar="NAME")
-    restore.add_argument("file", metavar="FILE", nargs="?", help="default: the newest backup")
+    restore.add_argument("file", metavar="FILE", nargs="?",
+                         help="default: the newest verified backup")
     check = add_command(commands, "check", cmd_check, "integrity and foreign-key check")
     check.add_argument("name", metavar="NAME")
     check.add_argument("--quick", action="store_true", help="quick_check instead of integrity_check")
     add_command(commands, "info", cmd_info, "what is in a database").add_argument("name", metavar="NAME")
-    prune = add_command(commands, "prune", cmd_prune, "remove backups beyond the newest N")
+    prune = add_command(commands, "prune", cmd_prune, "remove the backups that the retention "
+                                                      "policy does not keep")
     prune.add_argument("name", metavar="NAME")
     prune.add_argument("--keep", type=int, metavar="N", help="default: keep_backups from the ini")
-    prune.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="show which rule keeps each backup and what would be removed")
     return parser
 
 
