@@ -1179,7 +1179,7 @@ def format_backup(instance: Instance, backup: Backup, removed: list[Backup]) -> 
              f"{backup.seconds:.2f}s){'' if backup.verified else ' UNVERIFIED'}"]
     if removed:
         lines.append(f"{instance.name}: removed {len(removed)} old backup(s) "
-                     f"(keeping {describe_policy(retention_policy(instance))})")
+                     f"(retention: {describe_policy(retention_policy(instance))})")
     return "\n".join(lines)
 
 
@@ -1406,8 +1406,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     verdicts = plan_retention(instance, policy)
     doomed = [v.backup for v in verdicts if not v.keep]
     if doomed and not args.dry_run:
-        confirm(args, instance, f"Remove {len(doomed)} old backup(s) of {instance.name}, "
-                                f"keeping {describe_policy(policy)}?")
+        confirm(args, instance, f"Remove {len(doomed)} old backup(s) of {instance.name} "
+                                f"(retention: {describe_policy(policy)})?")
         with audited(instance, "prune") as entry, instance_lock(instance, "prune"):
             verdicts = plan_retention(instance, policy)
             doomed = [v.backup for v in verdicts if not v.keep]
