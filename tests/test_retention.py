@@ -10,7 +10,6 @@ run as subprocesses, migrations that fail, a clock shifted in the tool's own pro
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import os
 import random
@@ -20,6 +19,11 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:     # pragma: no cover - Windows: no flock, no lock to hold
+    fcntl = None
 
 from tests.support import ROOT, ProjectTestCase, database_migration, query, safe_db_update, sha256
 
@@ -376,7 +380,7 @@ class RestoreUnderLockTests(RetentionTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if not Path("/proc/self/fd").is_dir():
+        if fcntl is None or not Path("/proc/self/fd").is_dir():
             self.skipTest("needs /proc to see that restore waits for the lock")
         self.add_user()
         self.backup = Path(self.cli_json(safe_db_update, "backup", "dev")["path"])
