@@ -40,6 +40,17 @@ PROG = "database_migration.py"
 __version__ = VERSION               # one version for both CLIs
 
 MIGRATION_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<kind>sql|py)")
+# Other runners' layouts, read as they are (see 'Coming from another tool' in the manual).
+DBMATE_FILE = re.compile(r"(?P<version>\d+)-(?P<description>.+)\.sql")
+PAIRED_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<part>up|down)\.sql")
+DIESEL_FOLDER = re.compile(r"(?P<version>\d[\d-]*)_(?P<description>.+)")
+PLAIN, PAIRED, DIESEL = "plain", "paired", "Diesel"
+LAYOUT_NAMES = {
+    PLAIN: "one NNNN_description.sql file per migration (this tool, dbmate, sqlx)",
+    PAIRED: "NNNN_description.up.sql with .down.sql (golang-migrate, sqlx)",
+    DIESEL: "a folder per migration holding up.sql and down.sql (Diesel)",
+}
+UNFILLED = "-- TODO: write this part's SQL here, then delete this line (until then every command refuses it)"
 MARKER = re.compile(r"^\s*--\s*migrate:(?P<part>up|down)\b.*$", re.IGNORECASE)
 TRANSACTION_CONTROL = re.compile(r"^(BEGIN|COMMIT|END|VACUUM|ROLLBACK(?!\s+(TRANSACTION\s+)?TO\b))\b")
 DESTRUCTIVE = (
@@ -76,20 +87,29 @@ RECORD_APPLIED = """
 """
 FORGET_APPLIED = "DELETE FROM schema_migrations WHERE version = ?"
 FILL_CHECKSUM = "UPDATE schema_migrations SET checksum = ? WHERE version = ? AND checksum IS NULL"
+# Tracking tables (ours, and those other runners leave behind) and what belongs to
+# them (golang-migrate's index, Rails' metadata) are not the application's schema:
+# drift detection, diff, row counts and dry-run shapes leave them out.
+TRACKING_TABLES = "('schema_migrations', '__diesel_schema_migrations', '_sqlx_migrations', 'ar_internal_metadata')"
 USER_TABLES = f"""
     SELECT name FROM sqlite_master
-    WHERE type = 'table' AND {NOT_INTERNAL} AND name <> 'schema_migrations'
+    WHERE type = 'table' AND {NOT_INTERNAL} AND tbl_name NOT IN {TRACKING_TABLES}
     ORDER BY name
 """
 MASTER_ROWS = f"""
     SELECT type, name, sql FROM sqlite_master
-    WHERE {NOT_INTERNAL} AND name <> 'schema_migrations'
+    WHERE {NOT_INTERNAL} AND tbl_name NOT IN {TRACKING_TABLES}
     ORDER BY type, name
 """
 SCHEMA_OBJECTS = f"""
     SELECT type, name, tbl_name, sql FROM sqlite_master
-    WHERE {NOT_INTERNAL} AND name <> 'schema_migrations'
+    WHERE {NOT_INTERNAL} AND tbl_name NOT IN {TRACKING_TABLES}
     ORDER BY type, name
+"""
+TABLE_COLUMNS = "SELECT name FROM pragma_table_info(?)"
+RECORD_ADOPTED = """
+    INSERT INTO schema_migrations (version, description, applied_at, checksum, execution_ms)
+    VALUES (?, ?, COALESCE(?, CURRENT_TIMESTAMP), ?, ?)
 """
 
 # Migrations written in code, in the format of the in-house system this replaces.
@@ -119,6 +139,7 @@ class Migration:
     source: str = "MIGRATIONS"      # or the file's path, for messages
     python: str = ""                # the text of a .py migration
     declared_destructive: bool = False
+    reversible: bool = False        # another runner's down file exists, even one with no statement
 
     @functools.cached_property
     def checksum(self) -> str:
@@ -130,7 +151,8 @@ class Migration:
 
     @property
     def has_down(self) -> bool:
-        return bool(self.down) or (bool(self.python) and "down" in python_functions(self))
+        return bool(self.down) or self.reversible or \
+            (bool(self.python) and "down" in python_functions(self))
 
     @property
     def label(self) -> str:
@@ -143,6 +165,49 @@ class Applied:
     description: str
     applied_at: str | None
     checksum: str | None
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Another migration runner, known by the tracking table it leaves in a database."""
+    name: str
+    table: str
+    columns: frozenset              # the table's columns, exactly
+    versions_sql: str               # (version, applied_at, execution_ms) of each row
+    half_done: str = ""             # the condition on a row of a run that stopped half-way
+    only_latest: bool = False       # it keeps one row: its newest version (all below are applied)
+    marker: str = ""                # a table of its own that tells it from a runner with the same table
+
+
+# The tracking tables as each runner creates and fills them (the sources are cited
+# in tests/test_adopt.py). A new runner is one more record.
+RUNNERS = (
+    Runner("golang-migrate", "schema_migrations", frozenset({"version", "dirty"}),
+           "SELECT version, NULL, NULL FROM schema_migrations",
+           half_done="dirty = 1", only_latest=True),
+    Runner("Rails", "schema_migrations", frozenset({"version"}),
+           "SELECT version, NULL, NULL FROM schema_migrations", marker="ar_internal_metadata"),
+    Runner("dbmate", "schema_migrations", frozenset({"version"}),
+           "SELECT version, NULL, NULL FROM schema_migrations"),
+    Runner("Diesel", "__diesel_schema_migrations", frozenset({"version", "run_on"}),
+           "SELECT version, run_on, NULL FROM __diesel_schema_migrations"),
+    Runner("sqlx", "_sqlx_migrations", frozenset({"version", "description", "installed_on", "success",
+                                                  "checksum", "execution_time"}),
+           "SELECT version, installed_on, CASE WHEN execution_time >= 0 "
+           "THEN execution_time / 1000000 END FROM _sqlx_migrations",
+           half_done="success = 0"),
+)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What adopt found in another runner's table and recorded in ours."""
+    instance: Instance
+    runner: Runner | None           # None: already tracked by this tool, nothing done
+    versions: tuple[int, ...] = ()
+    differences: tuple[str, ...] = ()
+    backup: Backup | None = None
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +225,7 @@ class State:
     problems: tuple[str, ...] = ()
     error: str = ""
     untracked: str = ""                 # why the database is untracked; empty when it is not
+    runner: Runner | None = None        # the other runner that built it, when that is why
 
     @property
     def state(self) -> str:
@@ -293,17 +359,38 @@ def always_true(condition: str) -> bool:
     return row == (1,)
 
 
-def build_migration(version, description, up, down, source: str, **extra) -> Migration:
+def build_migration(version, description, up, down, source: str, allow_empty: bool = False,
+                    **extra) -> Migration:
+    """A validated Migration; an up part of comments only is a no-op, one with no text is not.
+
+    allow_empty: other runners' layouts, where an empty file is a no-op too (in ours it
+    is what 'new' wrote and nobody filled).
+    """
     where = f"{source}: migration {version}"
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CommandError(f"{source}: version {version!r} is not a positive integer", EXIT_USAGE)
     if not isinstance(description, str) or not description.strip():
         raise CommandError(f"{where}: needs a description", EXIT_USAGE)
     up_statements = statements_of(up, where, "up")
-    if not up_statements and not extra.get("python"):
+    down_statements = statements_of(down, where, "down")
+    if not up_statements and not extra.get("python") and not allow_empty and not has_text(up):
         raise CommandError(f"{where}: the up part is empty; write its SQL", EXIT_USAGE)
+    for part, parts in (("up", up), ("down", down)):
+        if UNFILLED in text_of(parts):
+            raise CommandError(f"{where}: the {part} part still holds the line 'new' wrote; write "
+                               f"its SQL and delete that line", EXIT_USAGE)
     return Migration(version=version, description=description.strip(), up=up_statements,
-                     down=statements_of(down, where, "down"), source=source, **extra)
+                     down=down_statements, source=source, **extra)
+
+
+def text_of(parts) -> str:
+    """The text of a part given as a string or a list of strings (already validated)."""
+    return parts if isinstance(parts, str) else "\n".join(parts or ())
+
+
+def has_text(parts) -> bool:
+    """Anything but white space and bare ';' (a comment counts: it makes a no-op)."""
+    return bool(text_of(parts).strip(" \t\r\n;"))
 
 
 def statements_of(parts, where: str, part: str) -> tuple[str, ...]:
@@ -338,18 +425,62 @@ def migrations_from_code(entries: list[dict]) -> list[Migration]:
 
 
 def migrations_from_folder(folder: Path) -> list[Migration]:
+    """The folder's migrations, in whichever one layout it holds."""
     if not folder.is_dir():
         raise CommandError(f"migrations folder {folder} does not exist; create it or fix "
                            f"migrations_dir in instances.ini", EXIT_USAGE)
-    migrations = []
+    layout, entries = folder_layout(folder)
+    if layout == PAIRED:
+        return paired_migrations(entries)
+    if layout == DIESEL:
+        return diesel_migrations(entries)
+    return plain_migrations(entries)
+
+
+def layout_of(path: Path) -> str:
+    """The layout a folder entry belongs to, or '' for an entry that is ignored."""
+    if path.name.startswith(".") or path.name == "__init__.py":
+        return ""
+    if path.is_dir():
+        return DIESEL if DIESEL_FOLDER.fullmatch(path.name) and (path / "up.sql").is_file() else ""
+    if not path.is_file() or path.suffix not in (".sql", ".py"):
+        return ""
+    return PAIRED if PAIRED_FILE.fullmatch(path.name) else PLAIN
+
+
+def folder_layout(folder: Path) -> tuple[str, list[Path]]:
+    """The one layout of a migrations folder and its entries; a mix is an error."""
+    first: dict[str, Path] = {}
+    entries = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.name == "__init__.py" or not path.is_file() \
-                or path.suffix not in (".sql", ".py"):
+        layout = layout_of(path)
+        if not layout:
             continue
+        first.setdefault(layout, path)
+        entries.append(path)
+        if len(first) > 1:
+            (one, a), (other, b) = first.items()
+            raise CommandError(f"{folder} mixes two migration layouts: {a.name} ({LAYOUT_NAMES[one]}) "
+                               f"and {b.name} ({LAYOUT_NAMES[other]}); keep one layout per folder",
+                               EXIT_USAGE)
+    return next(iter(first), PLAIN), entries
+
+
+def plain_migrations(paths: list[Path]) -> list[Migration]:
+    """Our own layout, which dbmate's files (also dbmate's NNNN-name.sql) and sqlx's plain ones fit."""
+    migrations = []
+    for path in paths:
         match = MIGRATION_FILE.fullmatch(path.name)
+        dbmate = DBMATE_FILE.fullmatch(path.name) if not match else None
+        if dbmate and any(MARKER.match(line) for line in read_text(path).splitlines()):
+            up, down = read_sql_file(path)
+            description = re.sub(r"[-_]", " ", dbmate["description"])
+            migrations.append(build_migration(int(dbmate["version"]), description, up, down, str(path)))
+            continue
         if not match:
             raise CommandError(f"{path}: a migration file is named NNNN_description"
-                               f"{path.suffix} (for example 0004_add_loan_status{path.suffix})",
+                               f"{path.suffix} (for example 0004_add_loan_status{path.suffix}; "
+                               f"dbmate's NNNN-description.sql needs its '-- migrate:up' line)",
                                EXIT_USAGE)
         version = int(match["version"])
         description = match["description"].replace("_", " ")
@@ -358,6 +489,46 @@ def migrations_from_folder(folder: Path) -> list[Migration]:
             migrations.append(build_migration(version, description, up, down, str(path)))
         else:
             migrations.append(read_python_file(path, version, description))
+    return migrations
+
+
+def paired_migrations(paths: list[Path]) -> list[Migration]:
+    """golang-migrate's and sqlx's layout: NNNN_name.up.sql and an optional NNNN_name.down.sql."""
+    parts: dict[str, dict[int, Path]] = {"up": {}, "down": {}}
+    for path in paths:
+        match = PAIRED_FILE.fullmatch(path.name)
+        same = parts[match["part"]]
+        version = int(match["version"])
+        if version in same:
+            raise CommandError(f"version {version} is defined twice: in {same[version]} and in "
+                               f"{path}", EXIT_USAGE)
+        same[version] = path
+    for version, path in parts["down"].items():
+        if version not in parts["up"]:
+            raise CommandError(f"{path}: no {version}_*.up.sql beside it; a down file needs its "
+                               f"up file", EXIT_USAGE)
+    migrations = []
+    for version, path in sorted(parts["up"].items()):
+        down = parts["down"].get(version)
+        description = PAIRED_FILE.fullmatch(path.name)["description"].replace("_", " ")
+        migrations.append(build_migration(version, description, read_text(path),
+                                          read_text(down) if down else None, str(path),
+                                          allow_empty=True, reversible=down is not None))
+    return migrations
+
+
+def diesel_migrations(folders: list[Path]) -> list[Migration]:
+    """Diesel's layout: a folder per migration; 2018-02-17-110136 is version 20180217110136."""
+    migrations = []
+    for folder in folders:
+        match = DIESEL_FOLDER.fullmatch(folder.name)
+        down = folder / "down.sql"
+        migrations.append(build_migration(int(match["version"].replace("-", "")),
+                                          match["description"].replace("_", " "),
+                                          read_text(folder / "up.sql"),
+                                          read_text(down) if down.is_file() else None,
+                                          str(folder / "up.sql"), allow_empty=True,
+                                          reversible=down.is_file()))
     return migrations
 
 
@@ -459,7 +630,7 @@ def read_applied(conn: sqlite3.Connection) -> list[Applied]:
     except sqlite3.OperationalError:    # none yet, or the older three-column table
         pass
     columns = tracking_columns(conn)
-    if not columns:
+    if not columns or foreign_runner(conn) is not None:    # another runner's: adopt reads it
         return []
     if not {"version", "description"} <= set(columns):
         raise CommandError("schema_migrations exists but has no version/description columns; "
@@ -471,9 +642,27 @@ def read_applied(conn: sqlite3.Connection) -> list[Applied]:
     return [Applied(int(v), str(d), None if a is None else str(a), c) for v, d, a, c in rows]
 
 
-def untracked_reason(conn: sqlite3.Connection, applied: list[Applied]) -> str:
-    """Why the database is not ours to migrate yet ('' when it is): it holds tables
-    of its own but no recorded migration, so it was made without this tool."""
+def foreign_runner(conn: sqlite3.Connection) -> Runner | None:
+    """The other runner whose tracking table this database holds, if ours is not there."""
+    tables: dict[str, frozenset] = {}
+    for runner in RUNNERS:
+        for table in (runner.table, runner.marker):
+            if table and table not in tables:
+                tables[table] = frozenset(c for (c,) in conn.execute(TABLE_COLUMNS, (table,)))
+    if "description" in tables["schema_migrations"]:
+        return None                     # ours (or the older in-house three-column table)
+    for runner in RUNNERS:
+        if tables[runner.table] == runner.columns and (not runner.marker or tables[runner.marker]):
+            return runner
+    return None
+
+
+def untracked_reason(conn: sqlite3.Connection, applied: list[Applied], runner: Runner | None) -> str:
+    """Why the database is not ours to migrate yet ('' when it is): another runner built
+    it, or it holds tables of its own but no recorded migration, so it was made without
+    this tool."""
+    if runner is not None:
+        return f"built by {runner.name} (its {runner.table} table) and not adopted yet"
     if applied:
         return ""
     tables = [name for (name,) in conn.execute(USER_TABLES).fetchall()]
@@ -483,8 +672,16 @@ def untracked_reason(conn: sqlite3.Connection, applied: list[Applied]) -> str:
     return f"it holds tables of its own ({shown}) but no recorded migration"
 
 
+def untracked_step(name: str, runner: Runner | None) -> str:
+    """What takes over an untracked database: adopt for another runner's, else baseline."""
+    if runner is not None:
+        return f"run 'adopt {name}', which records what {runner.name} applied"
+    return f"if its schema is that of migration V, record it with 'baseline {name} --to V'"
+
+
 def compare(instance: Instance, migrations: list[Migration], applied: list[Applied],
-            problems: list[str], drift: tuple[str, ...] = (), untracked: str = "") -> State:
+            problems: list[str], drift: tuple[str, ...] = (), untracked: str = "",
+            runner: Runner | None = None) -> State:
     known = {m.version: m for m in migrations}
     done = {a.version for a in applied}
     modified = tuple(a.version for a in applied
@@ -497,14 +694,13 @@ def compare(instance: Instance, migrations: list[Migration], applied: list[Appli
                  for v in unknown]
     problems += [f"drift: {line}" for line in drift]
     if untracked:
-        problems.append(f"untracked: {untracked}; if its schema is that of migration V, record "
-                        f"it with 'baseline {instance.name} --to V'")
+        problems.append(f"untracked: {untracked}; {untracked_step(instance.name, runner)}")
     return State(instance=instance, exists=True,
                  current_version=max(done, default=0),
                  latest_version=max(known, default=0), applied=tuple(applied),
                  pending=tuple(m for m in migrations if m.version not in done),
                  modified=modified, unknown=unknown, drift=drift, problems=tuple(problems),
-                 untracked=untracked)
+                 untracked=untracked, runner=runner)
 
 
 def inspect(instance: Instance, migrations: list[Migration], quick_check: bool = False,
@@ -520,11 +716,12 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
                 if quick_check else []
             applied = read_applied(conn)
             drift = schema_drift(conn, migrations, applied) if with_drift else ()
-            untracked = untracked_reason(conn, applied)
+            runner = foreign_runner(conn)
+            untracked = untracked_reason(conn, applied, runner)
     except (CommandError, sqlite3.Error, OSError, ValueError, TypeError) as exc:
         return State(instance=instance, exists=True, current_version=None, latest_version=latest,
                      pending=tuple(migrations), error=str(exc).removeprefix(f"{instance.name}: "))
-    return compare(instance, migrations, applied, problems, drift, untracked)
+    return compare(instance, migrations, applied, problems, drift, untracked, runner)
 
 
 # --- Schema comparison (drift) -----------------------------------------------
@@ -630,9 +827,8 @@ def refuse_unsafe(state: State) -> None:
         raise CommandError(f"{name}: {failed[0]}; the database is damaged: see the emergency "
                            f"procedures in the manual; nothing changed")
     if state.untracked:
-        raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; if its schema "
-                           f"is that of migration V, record it with 'baseline {name} --to V', "
-                           f"then migrate")
+        raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; "
+                           f"{untracked_step(name, state.runner)}, then migrate")
 
 
 def plan_migrate(state: State, target: int | None, create: bool = False,
@@ -1051,6 +1247,11 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
             if applied:
                 raise CommandError(f"{instance.name}: versions are already recorded; baseline is "
                                    f"only for a database that predates the tool (see 'check')")
+            runner = foreign_runner(conn)
+            if runner is not None:
+                raise CommandError(f"{instance.name}: the database was built by {runner.name} (its "
+                                   f"{runner.table} table); use 'adopt {instance.name}', which "
+                                   f"records what {runner.name} applied; nothing recorded")
             expected = expected_schema(migrations, tuple(m.version for m in chosen))
             differences = compare_schemas(expected or {}, actual)
         entry.update(version_before=0, version_after=0, differences=list(differences))
@@ -1073,6 +1274,118 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
     return differences, backup
 
 
+# --- Adopting another runner's database --------------------------------------
+
+def adopt_instance(args: argparse.Namespace, instance: Instance) -> Adoption:
+    """Record what another runner applied in our table, once the schema matches, after a backup."""
+    migrations = all_migrations(instance)
+    started = time.perf_counter()
+    with audited(instance, "adopt", before=0) as entry:
+        require_database(instance)
+        with closing(open_readonly(instance)) as conn:
+            try:
+                runner = foreign_runner(conn)
+                if runner is None:
+                    return untracked_or_ours(conn, instance)
+                rows = read_runner_rows(conn, instance, runner)
+                actual = schema_of(conn)
+            except sqlite3.Error as exc:
+                raise CommandError(f"{instance.name}: cannot read {instance.path}: {exc}") from exc
+        versions = adopted_versions(instance, runner, rows, migrations)
+        differences = compare_schemas(expected_schema(migrations, versions) or {}, actual)
+        entry.update(runner=runner.name, differences=list(differences))
+        if differences and not args.force:
+            raise CommandError(f"{instance.name}: the schema does not match what the "
+                               f"{len(versions)} migration(s) {runner.name} recorded produce "
+                               f"({len(differences)} difference(s); first: {differences[0]}); "
+                               f"nothing recorded; --force records anyway")
+        with instance_lock(instance, "adopt"):
+            backup, _ = backup_with_retention(instance, "pre-migrate")
+            entry["backup"] = str(backup.path)
+            if not backup.verified:
+                raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
+                                   f"check ({backup.path}); nothing changed")
+            try:
+                with closing(connect(instance)) as conn, migration_transaction(conn):
+                    if foreign_runner(conn) != runner or read_runner_rows(conn, instance, runner) != rows:
+                        raise CommandError(f"{instance.name}: changed by someone else since it was "
+                                           f"read; nothing done; run adopt again")
+                    record_adoption(conn, runner, [m for m in migrations if m.version in versions], rows)
+            except sqlite3.Error as exc:
+                raise CommandError(f"{instance.name}: adopt failed: {exc}; rolled back, nothing "
+                                   f"changed; backup: {backup.path}") from exc
+        entry["version_after"] = max(versions, default=0)
+    return Adoption(instance, runner, versions, differences, backup, time.perf_counter() - started)
+
+
+def untracked_or_ours(conn: sqlite3.Connection, instance: Instance) -> Adoption:
+    """No other runner's table: already ours (nothing to do), or a database built by hand."""
+    if tracking_columns(conn):
+        read_applied(conn)              # a schema_migrations nobody understands is refused here
+        return Adoption(instance, None)
+    raise CommandError(f"{instance.name}: no other migration runner's tracking table in "
+                       f"{instance.path} (looked for: "
+                       + ", ".join(f"{r.name}'s {r.table}" for r in RUNNERS)
+                       + f"); for a database built without one, use 'baseline {instance.name} --to V'")
+
+
+def read_runner_rows(conn: sqlite3.Connection, instance: Instance,
+                     runner: Runner) -> dict[int, tuple[str | None, int | None]]:
+    """{version: (applied_at, execution_ms)} as the runner recorded them; a half-done run is refused."""
+    if runner.half_done:
+        half_done = conn.execute(f"SELECT version FROM {runner.table} WHERE {runner.half_done} "
+                                 f"ORDER BY version").fetchall()
+        if half_done:
+            raise CommandError(
+                f"{instance.name}: {runner.name} left this database half-migrated: its "
+                f"{runner.table} has {runner.half_done} for version {half_done[0][0]}; nothing "
+                f"changed (--force does not change this); restore the backup taken before that "
+                f"run ('safe_db_update.py list-backups {instance.name}', then 'safe_db_update.py "
+                f"restore {instance.name} FILE'), or repair it with {runner.name}, then adopt")
+    rows = {}
+    for version, applied_at, execution_ms in conn.execute(runner.versions_sql).fetchall():
+        text = str(version).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise CommandError(f"{instance.name}: {runner.name}'s {runner.table} holds version "
+                               f"{version!r}, which is not a positive whole number; nothing changed")
+        rows[int(text)] = (None if applied_at is None else str(applied_at), execution_ms)
+    return rows
+
+
+def adopted_versions(instance: Instance, runner: Runner, rows: dict,
+                     migrations: list[Migration]) -> tuple[int, ...]:
+    """The versions to record: those in the runner's table (for golang-migrate, all up to its one)."""
+    known = sorted(m.version for m in migrations)
+    unknown = sorted(set(rows) - set(known))
+    if unknown:
+        raise CommandError(f"{instance.name}: {runner.name}'s {runner.table} holds version(s) "
+                           f"{', '.join(map(str, unknown))} that {instance.migrations_dir} does "
+                           f"not have; point migrations_dir at the folder that built this "
+                           f"database; nothing changed")
+    if runner.only_latest:
+        return tuple(v for v in known if rows and v <= max(rows))
+    return tuple(sorted(rows))
+
+
+def record_adoption(conn: sqlite3.Connection, runner: Runner, adopted: list[Migration],
+                    rows: dict) -> None:
+    """Inside the caller's transaction: our table, holding every version the runner recorded."""
+    if runner.table == "schema_migrations":
+        # Upgraded in place: the runner's table is rebuilt as ours under its own name,
+        # every version in it kept (golang-migrate's one row stands for all below it).
+        conn.execute("ALTER TABLE schema_migrations RENAME TO schema_migrations_before_adopt")
+        conn.execute(TRACKING_TABLE)
+        conn.execute("DROP TABLE schema_migrations_before_adopt")
+    else:
+        conn.execute(TRACKING_TABLE)    # the runner's own table is left as it is
+    records = []
+    for migration in adopted:
+        applied_at, execution_ms = rows.get(migration.version, (None, None))
+        records.append((migration.version, migration.description, applied_at, migration.checksum,
+                        execution_ms))
+    conn.executemany(RECORD_ADOPTED, records)
+
+
 # --- New migration files -----------------------------------------------------
 
 SQL_TEMPLATE = """-- {description}
@@ -1082,6 +1395,11 @@ SQL_TEMPLATE = """-- {description}
 -- migrate:down
 
 """
+# Other runners' layouts: an empty or comment-only file is a no-op there, so the
+# files 'new' writes hold a line that every command refuses until it is deleted.
+UP_TEMPLATE = "-- {description}\n" + UNFILLED + "\n"
+DOWN_TEMPLATE = ("-- {description}: undo the up part (or delete this file if it cannot be undone)\n"
+                 + UNFILLED + "\n")
 PYTHON_TEMPLATE = '''"""{description}: a data migration; it runs inside the migration run's transaction."""
 
 # DESTRUCTIVE = True    # uncomment if up() deletes rows: the run will ask for confirmation
@@ -1098,20 +1416,52 @@ PYTHON_TEMPLATE = '''"""{description}: a data migration; it runs inside the migr
 '''
 
 
-def new_migration_path(folder: Path, description: str, python: bool) -> Path:
-    """The next file in the folder's own numbering style: NNNN, or a 14-digit UTC timestamp."""
+def new_migration_files(folder: Path, description: str,
+                        python: bool) -> tuple[int, list[tuple[Path, str]]]:
+    """The next migration's files in the folder's own layout and numbering style.
+
+    Numbers: NNNN, or a 14-digit UTC timestamp when the existing versions have 14 digits;
+    other runners' layouts keep the width of their names (golang-migrate's 000001) and
+    Diesel's dashes (2018-02-17-110136).
+    """
     slug = re.sub(r"[^a-z0-9]+", "_", description.lower()).strip("_")
     if not slug:
         raise CommandError(f"'{description}' makes no file name; use letters and digits", EXIT_USAGE)
-    matches = [MIGRATION_FILE.fullmatch(p.name) for p in sorted(folder.iterdir())] \
-        if folder.is_dir() else []
-    existing = [int(m["version"]) for m in matches if m] + \
+    layout, entries = folder_layout(folder) if folder.is_dir() else (PLAIN, [])
+    if python and layout != PLAIN:
+        raise CommandError(f"{folder} holds {LAYOUT_NAMES[layout]}; Python migrations are written "
+                           f"in this tool's own layout only", EXIT_USAGE)
+    names = [version_text(path) for path in entries]
+    names = [name for name in names if name]
+    existing = [int(name.replace("-", "")) for name in names] + \
         [e["version"] for e in MIGRATIONS if isinstance(e, dict) and isinstance(e.get("version"), int)]
     if existing and all(len(str(v)) == 14 for v in existing):
-        number = str(max(int(time.strftime("%Y%m%d%H%M%S", time.gmtime())), max(existing) + 1))
+        version = max(int(time.strftime("%Y%m%d%H%M%S", time.gmtime())), max(existing) + 1)
     else:
-        number = f"{max(existing, default=0) + 1:04d}"
-    return folder / f"{number}_{slug}.{'py' if python else 'sql'}"
+        version = max(existing, default=0) + 1
+    width = 4 if layout == PLAIN or not names else len(names[-1].replace("-", ""))
+    number = f"{version:0{width}d}"
+    if layout == DIESEL and "-" in names[-1] and len(number) == 14:
+        number = f"{number[:4]}-{number[4:6]}-{number[6:8]}-{number[8:]}"
+    if layout == PAIRED:
+        return version, [(folder / f"{number}_{slug}.up.sql", UP_TEMPLATE.format(description=description)),
+                         (folder / f"{number}_{slug}.down.sql",
+                          DOWN_TEMPLATE.format(description=description))]
+    if layout == DIESEL:
+        return version, [(folder / f"{number}_{slug}" / "up.sql", UP_TEMPLATE.format(description=description)),
+                         (folder / f"{number}_{slug}" / "down.sql",
+                          DOWN_TEMPLATE.format(description=description))]
+    template = PYTHON_TEMPLATE if python else SQL_TEMPLATE
+    return version, [(folder / f"{number}_{slug}.{'py' if python else 'sql'}",
+                      template.format(description=description))]
+
+
+def version_text(path: Path) -> str:
+    """The version as written in a folder entry's name: 0004, 20230503122557, 2018-02-17-110136."""
+    if path.is_dir():                   # only Diesel's migration folders are entries
+        return DIESEL_FOLDER.fullmatch(path.name)["version"]
+    match = re.match(r"\d+", path.name)
+    return match.group() if match else ""
 
 
 # --- Migrate -----------------------------------------------------------------
@@ -1300,6 +1650,31 @@ def format_outcome(outcome: Outcome) -> str:
     return "\n".join(lines)
 
 
+def adoption_as_json(adoption: Adoption) -> dict:
+    runner = adoption.runner
+    return {"name": adoption.instance.name, "path": str(adoption.instance.path),
+            "runner": runner.name if runner else None, "table": runner.table if runner else None,
+            "adopted": runner is not None, "versions": list(adoption.versions),
+            "to_version": max(adoption.versions, default=0) if runner else None,
+            "forced": bool(adoption.differences), "differences": list(adoption.differences),
+            "backup": str(adoption.backup.path) if adoption.backup else None,
+            "seconds": round(adoption.seconds, 3)}
+
+
+def format_adoption(adoption: Adoption) -> str:
+    name, runner = adoption.instance.name, adoption.runner
+    if runner is None:
+        return f"{name}: already tracked by this tool (schema_migrations); nothing to adopt"
+    table = (f"{runner.table} upgraded in place to this tool's table, every version kept"
+             if runner.table == "schema_migrations"
+             else f"schema_migrations added; {runner.table} left as it is")
+    lines = [f"{name}: warning: recorded despite: {d}" for d in adoption.differences]
+    lines.append(f"{name}: adopted from {runner.name}: recorded {len(adoption.versions)} "
+                 f"migration(s) up to version {max(adoption.versions, default=0)} with their "
+                 f"checksums (nothing was run); {table}; backup: {adoption.backup.path}")
+    return "\n".join(lines)
+
+
 def format_dry_run(outcome: Outcome) -> str:
     plan, name = outcome.plan, outcome.plan.instance.name
     if not plan.migrations:
@@ -1459,20 +1834,48 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    instances = chosen_instances(args, args.name)
+    if instances and instances[0].group != args.name:      # one instance
+        adoption = adopt_instance(args, instances[0])
+        emit(args, format_adoption(adoption), adoption_as_json(adoption))
+        return EXIT_OK
+    results = []                        # a fleet: every member, a failure does not stop the rest
+    for instance in instances:
+        try:
+            adoption = adopt_instance(args, instance)
+        except CommandError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            results.append({"name": instance.name, "result": "failed", "error": str(exc)})
+            continue
+        if not args.json:
+            emit(args, format_adoption(adoption), {})
+        results.append({**adoption_as_json(adoption), "error": None,
+                        "result": "ok" if adoption.runner else "skipped"})
+    failures = [r for r in results if r["result"] == "failed"]
+    skipped = sum(r["result"] == "skipped" for r in results)
+    summary = (f"adopt: {len(results) - len(failures) - skipped} adopted, {len(failures)} failed, "
+               f"{skipped} already tracked")
+    summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
+    emit(args, summary, {"instances": results})
+    return EXIT_FAILED if failures else EXIT_OK
+
+
 def cmd_new(args: argparse.Namespace) -> int:
     config = find_config(args.config)
     load_instances(config)              # a broken registry is exit 2 for every command
     folder = resolve(config.parent, read_config(config).defaults()["migrations_dir"])
-    path = new_migration_path(folder, args.description, args.python)
-    template = PYTHON_TEMPLATE if args.python else SQL_TEMPLATE
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as handle:
-            handle.write(template.format(description=args.description))
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
-    emit(args, f"wrote {path}; fill in its up part (until then every command refuses it)",
-         {"path": str(path), "version": int(path.name.split("_", 1)[0])})
+    version, files = new_migration_files(folder, args.description, args.python)
+    for path, text in files:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "x", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as exc:
+            raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
+    written = " and ".join(str(path) for path, _ in files)
+    emit(args, f"wrote {written}; fill in its up part (until then every command refuses it)",
+         {"path": str(files[0][0]), "paths": [str(path) for path, _ in files], "version": version})
     return EXIT_OK
 
 
@@ -1559,6 +1962,11 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--to", type=version_number, metavar="V", required=True)
     baseline.add_argument("--force", action="store_true",
                           help="record even though the schema differs (the differences are listed)")
+    adopt = add_command(commands, "adopt", cmd_adopt,
+                        "take over a database that dbmate, golang-migrate, sqlx, Diesel or Rails built")
+    adopt.add_argument("name", metavar="NAME", help="one instance, or a fleet: every member")
+    adopt.add_argument("--force", action="store_true",
+                       help="record even though the schema differs (the differences are listed)")
     rollback = add_command(commands, "rollback", cmd_rollback,
                            "run the down parts above V, newest first, after a backup")
     rollback.add_argument("name", metavar="NAME")
