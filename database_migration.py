@@ -139,7 +139,8 @@ class Migration:
     source: str = "MIGRATIONS"      # or the file's path, for messages
     python: str = ""                # the text of a .py migration
     declared_destructive: bool = False
-    reversible: bool = False        # another runner's down file exists, even one with no statement
+    reversible: bool = False        # a down part was written (comments only: nothing to undo),
+                                    # or another runner's down file exists, even an empty one
 
     @functools.cached_property
     def checksum(self) -> str:
@@ -379,6 +380,7 @@ def build_migration(version, description, up, down, source: str, allow_empty: bo
         if UNFILLED in text_of(parts):
             raise CommandError(f"{where}: the {part} part still holds the line 'new' wrote; write "
                                f"its SQL and delete that line", EXIT_USAGE)
+    extra.setdefault("reversible", has_text(down))     # a down part of comments only undoes nothing
     return Migration(version=version, description=description.strip(), up=up_statements,
                      down=down_statements, source=source, **extra)
 
@@ -1565,7 +1567,8 @@ def status_as_json(state: State, last_backup: str | None) -> dict:
     return {"name": state.instance.name, "path": str(state.instance.path), "exists": state.exists,
             "current_version": state.current_version, "latest_version": state.latest_version,
             "pending": [m.version for m in state.pending], "state": state.state,
-            "last_backup": last_backup, **({"error": state.error} if state.error else {})}
+            "last_backup": last_backup, **({"error": state.error} if state.error else {}),
+            **({"runner": state.runner.name} if state.runner else {})}
 
 
 def format_status(rows: list[tuple[State, str | None]]) -> str:
@@ -1576,7 +1579,9 @@ def format_status(rows: list[tuple[State, str | None]]) -> str:
         current = "-" if state.current_version is None else str(state.current_version)
         lines.append(f"{state.instance.name:<{width}}  {current:>7}  {state.latest_version:>6}  "
                      f"{len(state.pending):>7}  {state.state:<10}  {age(last)}"
-                     + (f"  ({state.error})" if state.error else ""))
+                     + (f"  ({state.error})" if state.error else "")
+                     + (f"  (built by {state.runner.name}: run 'adopt {state.instance.name}')"
+                        if state.runner else ""))
     if len(rows) > 20:
         counts: dict[str, int] = {}
         for state, _ in rows:

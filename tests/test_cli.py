@@ -27,6 +27,7 @@ MIGRATION_COMMANDS = {
     "migrate-all": ["migrate-all", "--create"],
     "backup": ["backup", "{name}"],
     "baseline": ["baseline", "{name}", "--to", "1"],
+    "adopt": ["adopt", "{name}"],
     "rollback": ["rollback", "{name}", "--to", "1", "--yes"],
     "new": ["new", "add loan status"],
     "diff": ["diff", "{name}", "prod"],
