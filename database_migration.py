@@ -205,7 +205,7 @@ class Adoption:
     """What adopt found in another runner's table and recorded in ours."""
     instance: Instance
     runner: Runner | None           # None: already tracked by this tool, nothing done
-    versions: tuple[int, ...] = ()
+    versions: tuple[int, ...] = ()  # recorded (or, when already tracked, found recorded)
     differences: tuple[str, ...] = ()
     backup: Backup | None = None
     seconds: float = 0.0
@@ -1288,7 +1288,10 @@ def adopt_instance(args: argparse.Namespace, instance: Instance) -> Adoption:
             try:
                 runner = foreign_runner(conn)
                 if runner is None:
-                    return untracked_or_ours(conn, instance)
+                    adoption = untracked_or_ours(conn, instance)
+                    current = max(adoption.versions, default=0)
+                    entry.update(version_before=current, version_after=current)
+                    return adoption
                 rows = read_runner_rows(conn, instance, runner)
                 actual = schema_of(conn)
             except sqlite3.Error as exc:
@@ -1322,9 +1325,8 @@ def adopt_instance(args: argparse.Namespace, instance: Instance) -> Adoption:
 
 def untracked_or_ours(conn: sqlite3.Connection, instance: Instance) -> Adoption:
     """No other runner's table: already ours (nothing to do), or a database built by hand."""
-    if tracking_columns(conn):
-        read_applied(conn)              # a schema_migrations nobody understands is refused here
-        return Adoption(instance, None)
+    if tracking_columns(conn):          # a schema_migrations nobody understands is refused here
+        return Adoption(instance, None, tuple(a.version for a in read_applied(conn)))
     raise CommandError(f"{instance.name}: no other migration runner's tracking table in "
                        f"{instance.path} (looked for: "
                        + ", ".join(f"{r.name}'s {r.table}" for r in RUNNERS)
@@ -1660,7 +1662,7 @@ def adoption_as_json(adoption: Adoption) -> dict:
     return {"name": adoption.instance.name, "path": str(adoption.instance.path),
             "runner": runner.name if runner else None, "table": runner.table if runner else None,
             "adopted": runner is not None, "versions": list(adoption.versions),
-            "to_version": max(adoption.versions, default=0) if runner else None,
+            "to_version": max(adoption.versions, default=0),
             "forced": bool(adoption.differences), "differences": list(adoption.differences),
             "backup": str(adoption.backup.path) if adoption.backup else None,
             "seconds": round(adoption.seconds, 3)}

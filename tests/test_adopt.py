@@ -629,6 +629,63 @@ class LayoutRuleTests(RunnerTestCase):
         self.assertRefusedUnchanged(("adopt", "dev"), "baseline dev --to")
 
 
+def going_back_sql() -> list[str]:
+    """The SQL blocks of the manual's 'Switching from ...' section: dbmate/Rails, golang-migrate."""
+    text = (ROOT / "DATABASE_MIGRATION_README.md").read_text(encoding="utf-8")
+    section = text.split("## Switching from dbmate", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```sql\n")[1:]]
+
+
+class GoingBackTests(RunnerTestCase):
+    """The manual's way back: the runner's own table again, holding what this tool applied."""
+
+    def check_going_back(self, runner: Runner, block: str) -> None:
+        database_migration._loaded.clear()
+        runner.build(self.db(), upto=5)
+        reference = self.root / "reference.db"
+        runner.build(reference)                 # the runner's own table after all six
+        self.assertEqual(self.cli("adopt", "dev")[0], 0)
+        self.assertEqual(self.cli("migrate", "dev")[0], 0)          # the sixth, by this tool
+        with closing(sqlite3.connect(self.db(), isolation_level=None)) as conn:
+            conn.executescript(block)
+        for sql in ("SELECT name, lower(type), \"notnull\", pk FROM pragma_table_info('schema_migrations')",
+                    "SELECT type, name FROM sqlite_master WHERE tbl_name = 'schema_migrations'",
+                    "SELECT * FROM schema_migrations ORDER BY version"):
+            self.assertEqual(query(self.db(), sql), query(reference, sql))
+        self.assertEqual(self.cli("--json", "status", "dev")[1].count('"untracked"'), 1)
+
+    def test_back_to_dbmate(self) -> None:
+        self.check_going_back(Dbmate(), going_back_sql()[0])
+
+    def test_back_to_golang_migrate(self) -> None:
+        shutil.rmtree(self.migrations_dir)
+        self.migrations_dir.mkdir()
+        GolangMigrate().write_folder(self.migrations_dir)
+        self.check_going_back(GolangMigrate(), going_back_sql()[1])
+
+
+class AdoptRefusalTests(RunnerTestCase):
+    runner = Diesel()
+
+    def test_a_version_the_folder_lacks_is_refused(self) -> None:
+        self.runner.build(self.db())
+        with closing(sqlite3.connect(self.db())) as conn:
+            conn.execute("INSERT INTO __diesel_schema_migrations (version) VALUES ('20991231000000')")
+            conn.commit()
+        self.assertRefusedUnchanged(("adopt", "dev"), "20991231000000", str(self.migrations_dir))
+        self.assertEqual(self.backups(), [])
+
+    def test_baseline_points_a_database_another_runner_built_to_adopt(self) -> None:
+        self.runner.build(self.db())
+        self.assertRefusedUnchanged(("baseline", "dev", "--to", str(self.versions[-1])),
+                                    "adopt dev", "Diesel")
+        self.assertRefusedUnchanged(("migrate", "dev", "--dry-run"), "adopt dev")
+        self.assertRefusedUnchanged(("rollback", "dev", "--to", "1", "--yes"), "adopt dev")
+        code, out, err = self.cli("check", "dev")
+        self.assertEqual(code, 1)
+        self.assertIn("adopt dev", out)
+
+
 class AdoptFailureTests(RunnerTestCase):
     """adopt that fails half-way (the disk is full) leaves the database as the runner left it."""
 
