@@ -490,6 +490,16 @@ class SqlxTests(RunnerCases, RunnerTestCase):
                 self.assertRefusedUnchanged(argv, "half-migrated", "restore", "success = 0")
         self.assertEqual(self.backups(), [])
 
+    def test_its_plain_files_are_read_as_this_tools_layout_and_adopted(self) -> None:
+        shutil.rmtree(self.migrations_dir)
+        self.migrations_dir.mkdir()
+        for version, (description, up, _) in zip(self.versions, HISTORY):
+            (self.migrations_dir / f"{version}_{slug(description)}.sql").write_text(up, encoding="utf-8")
+        self.runner.build(self.db())
+        self.assertEqual(self.cli("adopt", "dev")[0], 0)
+        code, out, err = self.cli("check", "dev")
+        self.assertEqual(code, 0, out + err)
+
     def test_its_times_are_kept(self) -> None:
         self.runner.build(self.db())
         installed = query(self.db(), "SELECT version, installed_on FROM _sqlx_migrations ORDER BY version")
