@@ -71,6 +71,31 @@ DELETES_FROM = re.compile(rf"^(?:WITH\b.*?\b)?DELETE\s+FROM\s+(?:{SQL_NAME}\s*\.
 RENAMES_TABLE = re.compile(rf"^ALTER\s+TABLE\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})"
                            rf"\s+RENAME\s+TO\s+(?P<new>{SQL_NAME})")
 SQLITE_TRANSACTION = 22             # the authorizer's action code for BEGIN/COMMIT/ROLLBACK
+# sqlite3_complete's state machine (SQLite's complete.c), so that splitting is linear:
+# a row per state, a column per token. White space and comments leave the state as it is.
+SEMI, OTHER, EXPLAIN, CREATE, TEMP, TRIGGER, END = range(7)
+COMPLETE = (
+    # SEMI OTHER EXPLAIN CREATE TEMP TRIGGER END
+    (1, 2, 3, 4, 2, 2, 2),      # 0 invalid: nothing yet
+    (1, 2, 3, 4, 2, 2, 2),      # 1 start: after a complete statement
+    (1, 2, 2, 2, 2, 2, 2),      # 2 normal
+    (1, 3, 2, 4, 2, 2, 2),      # 3 after EXPLAIN
+    (1, 2, 2, 2, 4, 5, 2),      # 4 after CREATE (TEMP)
+    (6, 5, 5, 5, 5, 5, 5),      # 5 in a trigger body
+    (6, 5, 5, 5, 5, 5, 7),      # 6 after a ';' in a trigger body
+    (1, 5, 5, 5, 5, 5, 5),      # 7 after END in a trigger body
+)
+KEYWORDS = {"explain": EXPLAIN, "create": CREATE, "temp": TEMP, "temporary": TEMP,
+            "trigger": TRIGGER, "end": END}
+ID_CHAR = r"A-Za-z0-9_$\x80-\U0010ffff"
+SQL_TOKEN = re.compile(rf"""
+    ;
+  | '[^']*'? | "[^"]*"? | `[^`]*`? | \[[^\]]*\]?         # quoted; unclosed: to the end
+  | /\*(?:.*?\*/|.*) | --[^\n]*                          # comments
+  | (?<![{ID_CHAR}])(?:explain|create|temp|temporary|trigger|end)(?![{ID_CHAR}])
+""", re.ASCII | re.DOTALL | re.IGNORECASE | re.VERBOSE)
+NOT_SPACE = re.compile(r"[^ \t\n\f\r]")              # SQLite's white space
+QUOTES = {"'": "'", '"': '"', "`": "`", "[": "]"}
 
 TRACKING_TABLE = """
     CREATE TABLE schema_migrations (
@@ -280,17 +305,47 @@ def normalise(statement: str) -> str:
     return statement.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def split_statements(script: str) -> list[str]:
-    """Cut SQL into statements; trigger bodies and quoted ';' survive."""
-    statements, pending = [], ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            statements.append(pending)
-            pending = ""
-    statements.append(pending[:-1])          # text after the last ';'
+def split_statements(script: str, where: str = "SQL", first_line: int = 1) -> list[str]:
+    """Cut SQL where sqlite3.complete_statement would, in one pass; trigger bodies and
+    quoted ';' survive. A script that ends inside a quote, a /* comment or a trigger body
+    is an error naming the line where that statement starts (first_line: the script's)."""
+    statements, start, state, position = [], 0, 0, 0
+    for token in SQL_TOKEN.finditer(script):
+        if NOT_SPACE.search(script, position, token.start()):
+            state = COMPLETE[state][OTHER]
+        position = token.end()
+        text = token.group()
+        if text == ";":
+            state = COMPLETE[state][SEMI]
+            if state == 1:                  # complete: the cut complete_statement makes
+                statements.append(script[start:position])
+                start = position
+        elif text[0] in QUOTES:
+            if len(text) < 2 or text[-1] != QUOTES[text[0]]:
+                unterminated(script, start, where, first_line, f"a {text[0]} quote opened", token)
+            state = COMPLETE[state][OTHER]
+        elif text.startswith("/*"):
+            if len(text) < 4 or not text.endswith("*/"):
+                unterminated(script, start, where, first_line, "a /* comment opened", token)
+        elif not text.startswith("--"):     # a keyword that matters to triggers
+            state = COMPLETE[state][KEYWORDS[text.lower()]]
+    if NOT_SPACE.search(script, position):
+        state = COMPLETE[state][OTHER]
+    if state in (5, 6):                     # inside CREATE TRIGGER ... BEGIN, before END;
+        unterminated(script, start, where, first_line, "its trigger body (BEGIN without END;)")
+    statements.append(script[start:])       # text after the last ';'
     cleaned = [normalise(s)[:-1] if normalise(s).endswith(";") else normalise(s) for s in statements]
     return [s.strip() for s in cleaned if bare_sql(s)]
+
+
+def unterminated(script: str, start: int, where: str, first_line: int, what: str,
+                 token: re.Match | None = None) -> None:
+    def line_of(offset: int) -> int:
+        return first_line + script.count("\n", 0, offset)
+    line = line_of(NOT_SPACE.search(script, start).start())
+    opened = f" on line {line_of(token.start())}" if token else ""
+    raise CommandError(f"{where}: line {line}: this statement never ends: {what}{opened} is "
+                       f"still open at the end of the text; close it", EXIT_USAGE)
 
 
 def bare_sql(statement: str) -> str:
@@ -405,7 +460,7 @@ def statements_of(parts, where: str, part: str) -> tuple[str, ...]:
     if any("\x00" in p for p in parts):
         raise CommandError(f"{where}: the {part} part contains a NUL character; is it a text file?",
                            EXIT_USAGE)
-    statements = tuple(s for p in parts for s in split_statements(p))
+    statements = tuple(s for p in parts for s in split_statements(p, f"{where} ({part} part)"))
     for statement in statements:
         if TRANSACTION_CONTROL.match(bare_sql(statement)):
             raise CommandError(f"{where}: '{statement[:40]}' controls the transaction; the tool runs "
@@ -546,13 +601,13 @@ def read_sql_file(path: Path) -> tuple[str, str]:
     parts: dict[str, list[str]] = {}
     current = None
     before: list[str] = []
-    for line in read_text(path).splitlines():
+    for number, line in enumerate(read_text(path).splitlines()):
         marker = MARKER.match(line)
         if marker:
             current = marker["part"].lower()
             if current in parts:
                 raise CommandError(f"{path}: '-- migrate:{current}' appears twice", EXIT_USAGE)
-            parts[current] = []
+            parts[current] = [""] * (number + 1)    # so that line numbers are the file's
         elif current is None:
             before.append(line)
         else:
