@@ -32,7 +32,7 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, C
                             find_config, get_instance, instance_lock, integrity_problems,
                             load_instances, newest_backup_time, open_readonly, read_config,
                             read_history, require_database, resolve, root_parser, run,
-                            select_instances, NOT_INTERNAL)
+                            select_instances, NOT_INTERNAL, describe_error)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -1205,14 +1205,20 @@ def table_shapes(conn: sqlite3.Connection) -> dict[str, Table]:
 def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
     """Run the plan on a copy in the system's temporary folder; the instance is untouched."""
     started = time.perf_counter()
-    scratch = tempfile.mkdtemp(prefix="db-migration-dry-run-")
+    try:
+        scratch = tempfile.mkdtemp(prefix="db-migration-dry-run-")
+    except OSError as exc:
+        raise CommandError(no_room_to_rehearse(plan.instance, tempfile.gettempdir(), exc)) from exc
     try:
         copy_path = Path(scratch) / "rehearsal.db"
         with closing(sqlite3.connect(copy_path, isolation_level=None)) as copy:
-            if plan.instance.path.exists():
-                with closing(open_readonly(plan.instance)) as source:
-                    source.backup(copy)
-            copy.execute("PRAGMA journal_mode = DELETE")
+            try:
+                if plan.instance.path.exists():
+                    with closing(open_readonly(plan.instance)) as source:
+                        source.backup(copy)
+                copy.execute("PRAGMA journal_mode = DELETE")
+            except (sqlite3.Error, OSError) as exc:
+                raise CommandError(no_room_to_rehearse(plan.instance, scratch, exc)) from exc
             before = table_shapes(copy)
             try:
                 apply_plan(copy, plan, migrations)
@@ -1224,6 +1230,12 @@ def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
         shutil.rmtree(scratch, ignore_errors=True)
     return Rehearsal(ok=True, error="", seconds=time.perf_counter() - started,
                      **shape_changes(before, after))
+
+
+def no_room_to_rehearse(instance: Instance, folder: str, exc: BaseException) -> str:
+    return (f"{instance.name}: dry run: cannot copy the database into the temporary folder "
+            f"{folder}: {describe_error(exc)}; free space there or point TMPDIR at a folder "
+            f"with room; nothing changed")
 
 
 def shape_changes(before: dict[str, Table], after: dict[str, Table]) -> dict:
@@ -1525,12 +1537,21 @@ def version_text(path: Path) -> str:
 
 # --- Migrate -----------------------------------------------------------------
 
-def migrate_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
-    """The six steps of migrate for one instance; every real run is in the audit trail."""
+def migrate_instance(args: argparse.Namespace, instance: Instance,
+                     seen: dict | None = None) -> Outcome:
+    """The six steps of migrate for one instance; every real run is in the audit trail.
+
+    seen, if given, receives what the audit line records (versions before and after,
+    backup), also when the run fails.
+    """
+    seen = {} if seen is None else seen
     if args.dry_run:
-        return migrate_steps(args, instance, {})
+        return migrate_steps(args, instance, seen)
     with audited(instance, "migrate") as entry:
-        return migrate_steps(args, instance, entry)
+        try:
+            return migrate_steps(args, instance, entry)
+        finally:
+            seen.update(entry)
 
 
 def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> Outcome:
@@ -1582,6 +1603,7 @@ def create_database(instance: Instance, migrations: list[Migration], plan: Plan)
     draft = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_killed_drafts(path)
         with closing(sqlite3.connect(draft, isolation_level=None)) as conn:
             applied = apply_plan(conn, plan, migrations)
         os.link(draft, path)            # fails, rather than replace, if the path appeared
@@ -1595,6 +1617,15 @@ def create_database(instance: Instance, migrations: list[Migration], plan: Plan)
             if leftover.exists():
                 leftover.unlink()
     return applied
+
+
+def remove_killed_drafts(path: Path) -> None:
+    """Drafts (and their journals) that a killed --create left; the caller holds the lock,
+    so no live run of this instance can be making one."""
+    pattern = re.compile(re.escape(f".{path.name}.creating-") + r"\d+(-journal|-wal|-shm)?")
+    for leftover in path.parent.iterdir():
+        if pattern.fullmatch(leftover.name) and not leftover.is_symlink() and leftover.is_file():
+            leftover.unlink()
 
 
 def confirm_destructive(args: argparse.Namespace, plan: Plan) -> None:
@@ -1834,7 +1865,7 @@ def migrate_in_order(args: argparse.Namespace, instances: list[Instance]) -> lis
     stopped = False
     for instance in instances:
         if stopped:
-            results.append({"name": instance.name, "result": "skipped", "error": None})
+            results.append(not_migrated(args, instance, "skipped", None))
             continue
         result, text = migrate_one(args, instance)
         if text and not args.json:
@@ -1863,14 +1894,27 @@ def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> 
 
 def migrate_one(args: argparse.Namespace, instance: Instance) -> tuple[dict, str]:
     """migrate for one instance as a result row; errors are reported, not raised."""
+    started, seen = time.perf_counter(), {}
     try:
-        outcome = migrate_instance(args, instance)
-    except CommandError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return {"name": instance.name, "result": "failed", "error": str(exc)}, ""
+        outcome = migrate_instance(args, instance, seen)
+    except (CommandError, OSError) as exc:
+        error = str(exc) if isinstance(exc, CommandError) else f"{instance.name}: {describe_error(exc)}"
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return not_migrated(args, instance, "failed", error, seen, time.perf_counter() - started), ""
     failed = outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok
     return ({**outcome_as_json(outcome), "result": "failed" if failed else "ok",
              "error": outcome.rehearsal.error if failed else None}, format_outcome(outcome))
+
+
+def not_migrated(args: argparse.Namespace, instance: Instance, result: str, error: str | None,
+                 seen: dict | None = None, seconds: float = 0.0) -> dict:
+    """The result row of an instance that failed or was skipped: every key of migrate --json,
+    null where the run never learned it; to_version is where the database is now."""
+    seen = seen or {}
+    return {"name": instance.name, "from_version": seen.get("version_before"),
+            "to_version": seen.get("version_after"), "applied": [], "backup": seen.get("backup"),
+            "dry_run": bool(args.dry_run), "seconds": round(seconds, 3), "result": result,
+            "error": error}
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
