@@ -88,7 +88,7 @@ COMPLETE = (
 KEYWORDS = {"explain": EXPLAIN, "create": CREATE, "temp": TEMP, "temporary": TEMP,
             "trigger": TRIGGER, "end": END}
 ID_CHAR = r"A-Za-z0-9_$\x80-\U0010ffff"
-SQL_TOKEN = re.compile(rf"""
+COMPLETE_TOKEN = re.compile(rf"""
     ;
   | '[^']*'? | "[^"]*"? | `[^`]*`? | \[[^\]]*\]?         # quoted; unclosed: to the end
   | /\*(?:.*?\*/|.*) | --[^\n]*                          # comments
@@ -310,7 +310,7 @@ def split_statements(script: str, where: str = "SQL", first_line: int = 1) -> li
     quoted ';' survive. A script that ends inside a quote, a /* comment or a trigger body
     is an error naming the line where that statement starts (first_line: the script's)."""
     statements, start, state, position = [], 0, 0, 0
-    for token in SQL_TOKEN.finditer(script):
+    for token in COMPLETE_TOKEN.finditer(script):
         if NOT_SPACE.search(script, position, token.start()):
             state = COMPLETE[state][OTHER]
         position = token.end()
