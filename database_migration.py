@@ -32,7 +32,8 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, C
                             find_config, get_instance, instance_lock, integrity_problems,
                             load_instances, newest_backup_time, open_readonly, read_config,
                             read_history, require_database, resolve, root_parser, run,
-                            select_instances, NOT_INTERNAL, describe_error)
+                            select_instances, NOT_INTERNAL, describe_error, is_busy,
+                            locked_message)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -1131,12 +1132,18 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     guard = TransactionGuard()
     conn.set_authorizer(guard)
     conn.execute("PRAGMA foreign_keys = OFF")
+    patience = conn.execute("PRAGMA busy_timeout").fetchone()[0]     # ms: the busy_timeout
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")     # waits up to busy_timeout for another writer
         try:
+            # Writing pages out early (a cache spill) needs the readers gone; waiting for
+            # them there, again and again, would hold the database locked for longer than
+            # busy_timeout. Without waiting, the pages stay in memory until COMMIT.
+            conn.execute("PRAGMA busy_timeout = 0")
             guard.active = True
             yield
             guard.active = False
+            conn.execute(f"PRAGMA busy_timeout = {patience}")   # COMMIT: readers, busy_timeout
             conn.execute("COMMIT")
         except BaseException:
             guard.active = False
@@ -1144,6 +1151,7 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
                 conn.execute("ROLLBACK")
             raise
     finally:
+        conn.execute(f"PRAGMA busy_timeout = {patience}")
         conn.set_authorizer(TransactionGuard())
         conn.execute("PRAGMA foreign_keys = ON")
 
@@ -1154,6 +1162,8 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration]
     try:
         return apply_in_transaction(conn, plan, migrations, backup_note, expected)
     except sqlite3.Error as exc:       # BEGIN or COMMIT kept waiting, the disk, the tracking table
+        if is_busy(exc):
+            raise CommandError(f"{locked_message(plan.instance)}{backup_note}") from exc
         raise CommandError(f"{plan.instance.name}: {exc}; rolled back, nothing changed"
                            f"{backup_note}") from exc
 

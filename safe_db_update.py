@@ -56,6 +56,7 @@ INVOCATION: list[str] = []          # the command line being run, for the audit 
 CHUNK = 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
 RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6   # a backup-API step that found another connection's lock
 
 # SQLite's own objects are named sqlite_... (any case); the escape keeps LIKE from
 # reading '_' as "any character", which would hide a table such as sqliteusers.
@@ -463,6 +464,64 @@ def describe_holder(lock_path: Path) -> str:
         return f"another process holds {lock_path}"
 
 
+def is_busy(exc: BaseException) -> bool:
+    """SQLite gave up waiting for another connection's lock."""
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in str(exc) for word in ("database is locked", "database is busy",
+                                      "database table is locked"))
+
+
+def locked_message(instance: Instance) -> str:
+    return (f"{instance.name}: the database is locked by another connection"
+            f"{lock_holders(instance.path)} for more than {instance.busy_timeout:g} s; nothing "
+            f"changed; try again when it is idle")
+
+
+def lock_holders(path: Path) -> str:
+    """' (the application? pid 4242: gunicorn)': the other processes holding POSIX locks on
+    the database or its -shm file, from /proc/locks (Linux); '' when that cannot be told."""
+    files = set()
+    for candidate in (path, Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):
+            found = os.stat(candidate)
+            files.add(f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}")
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return " (the application?)"
+    pids = sorted({int(f[4]) for f in (line.split() for line in lines)
+                   if len(f) >= 6 and f[1] == "POSIX" and f[5] in files and f[4].isdigit()
+                   and int(f[4]) != os.getpid()})
+    names = []
+    for pid in pids[:5]:
+        try:
+            names.append(f"pid {pid}: {Path(f'/proc/{pid}/comm').read_text().strip()}")
+        except OSError:
+            names.append(f"pid {pid}")
+    return f" (the application? {', '.join(names)})" if names else " (the application?)"
+
+
+class BoundedSteps:
+    """A progress callback for Connection.backup that gives up, with SQLite's own 'database
+    is locked', once its steps have waited `timeout` seconds in all for other connections'
+    locks: Python's backup() would otherwise retry a busy step forever. then(status,
+    remaining, total) is called after each step that was not busy."""
+
+    def __init__(self, timeout: float, then: Callable[[int, int, int], None] | None = None) -> None:
+        self.timeout, self.then = timeout, then
+        self.waited, self.last = 0.0, time.monotonic()
+
+    def __call__(self, status: int, remaining: int, total: int) -> None:
+        if status in (SQLITE_BUSY, SQLITE_LOCKED):
+            self.waited += time.monotonic() - self.last
+            if self.waited >= self.timeout:
+                raise sqlite3.OperationalError(f"database is locked (waited {self.waited:.1f} s)")
+        elif self.then is not None:
+            self.then(status, remaining, total)
+        self.last = time.monotonic()
+
+
 # --- Small helpers -----------------------------------------------------------
 
 def utc_now() -> tuple[str, str]:
@@ -563,6 +622,8 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
         fsync_path(folder, directory=True)
     except (OSError, sqlite3.Error) as exc:
         discard(partial, Path(f"{final}.json.partial"))
+        if is_busy(exc):
+            raise CommandError(f"{locked_message(instance)} (no backup was made)") from exc
         raise CommandError(f"{instance.name}: backup failed: {describe_error(exc)}; the database "
                            f"is unchanged; check free space and permissions in {folder}") from exc
     except BaseException:
@@ -664,7 +725,7 @@ def copy_pages(source: sqlite3.Connection, partial: Path, timeout: float) -> Non
     with closing(open_path(partial, timeout)) as target:
         target.execute("PRAGMA journal_mode = OFF")   # a fresh file: nothing to protect yet
         target.execute("PRAGMA synchronous = OFF")    # one fsync at the end instead
-        source.backup(target, pages=-1)
+        source.backup(target, pages=-1, progress=BoundedSteps(timeout))
         if target.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
             target.execute("PRAGMA journal_mode = DELETE")
 
@@ -874,8 +935,8 @@ def readable(instance: Instance) -> bool:
             conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         return True
     except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise CommandError(f"{instance.name}: the database is busy ({exc}); try again") from exc
+        if is_busy(exc):
+            raise CommandError(locked_message(instance)) from exc
         return False
     except (CommandError, sqlite3.Error):
         return False
@@ -914,8 +975,10 @@ def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, l
         live.execute(f"PRAGMA cache_size = -{4 * RESTORE_STEP // 1024}")   # no spill in a step
         try:
             source.backup(live, pages=max(1, min(RESTORE_STEP // page_size, page_count - 1)),
-                          progress=save_first)
+                          progress=BoundedSteps(instance.busy_timeout, save_first))
         except sqlite3.Error as exc:
+            if is_busy(exc):
+                raise CommandError(locked_message(instance)) from exc
             raise CommandError(f"{instance.name}: restore failed: {exc}; the database is "
                                f"unchanged") from exc
         return saved[0], integrity_problems(live)
