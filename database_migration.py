@@ -9,19 +9,25 @@ it commits; see DATABASE_MIGRATION_README.md.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import importlib.util
+import io
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
-from contextlib import closing, contextmanager
+import traceback
+from contextlib import closing, contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -71,6 +77,7 @@ DROPS_TABLE = re.compile(rf"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:{SQL_NAME}\s*\
 DELETES_FROM = re.compile(rf"^(?:WITH\b.*?\b)?DELETE\s+FROM\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})")
 RENAMES_TABLE = re.compile(rf"^ALTER\s+TABLE\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})"
                            rf"\s+RENAME\s+TO\s+(?P<new>{SQL_NAME})")
+WORKER_STOP_SECONDS = 10.0          # how long stopping --jobs workers may take before SIGKILL
 SQLITE_TRANSACTION = 22             # the authorizer's action code for BEGIN/COMMIT/ROLLBACK
 # sqlite3_complete's state machine (SQLite's complete.c), so that splitting is linear:
 # a row per state, a column per token. White space and comments leave the state as it is.
@@ -1886,20 +1893,137 @@ def migrate_in_order(args: argparse.Namespace, instances: list[Instance]) -> lis
 
 
 def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> list[dict]:
-    """--jobs N: N instances at once in separate processes; every instance is attempted."""
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(migrate_one, args, instance) for instance in instances]
-        results = []
-        for instance, future in zip(instances, futures):
-            try:
-                result, text = future.result()
-            except Exception as exc:  # noqa: BLE001 - a crashed worker fails its instance only
-                result, text = {"name": instance.name, "result": "failed",
-                                "error": f"{type(exc).__name__}: {exc}"}, ""
-            if text and not args.json:
-                emit(args, text, {})
-            results.append(result)
+    """--jobs N: N worker processes, each handed one instance at a time; every instance is
+    attempted. A worker that dies fails its own instance only, and a new worker takes its
+    place. If this process is interrupted it interrupts the workers; if it is killed, they
+    notice and stop (worker_loop). Output is printed here, in file order."""
+    results: list[dict | None] = [None] * len(instances)
+    texts = [""] * len(instances)
+    queue = list(range(len(instances)))
+    workers = [Worker(args) for _ in range(min(args.jobs, len(instances)))]
+    printed = 0
+    try:
+        while queue or any(w.index is not None for w in workers):
+            for position, worker in enumerate(workers):
+                if worker.index is None and queue:
+                    if not worker.process.is_alive():
+                        worker = workers[position] = Worker(args)
+                    worker.give(queue.pop(0), instances)
+            busy = [w for w in workers if w.index is not None]
+            multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                reply = worker.collect()
+                if reply is not None:
+                    index, (results[index], texts[index], errors) = worker.index, reply
+                    worker.index = None
+                    sys.stderr.write(errors)
+                elif not worker.process.is_alive():
+                    index, worker.index = worker.index, None
+                    results[index] = worker_died(args, instances[index], worker.process.exitcode)
+            while printed < len(results) and results[printed] is not None:
+                if texts[printed] and not args.json:
+                    emit(args, texts[printed], {})
+                printed += 1
+    finally:
+        stop_workers(workers)
     return results
+
+
+class Worker:
+    """A --jobs worker process, the pipe it takes instances from, and what it is doing."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.conn, theirs = multiprocessing.Pipe()
+        self.process = multiprocessing.Process(target=worker_loop, daemon=True,
+                                               args=(args, theirs, os.getpid()))
+        self.process.start()
+        theirs.close()
+        self.index: int | None = None       # the instance it is migrating
+
+    def give(self, index: int, instances: list[Instance]) -> None:
+        self.index = index
+        with contextlib.suppress(OSError):  # it just died: its sentinel will tell
+            self.conn.send(instances[index])
+
+    def collect(self) -> tuple | None:
+        """(result, text, errors) once the worker has sent them; None if not (yet)."""
+        try:
+            return self.conn.recv() if self.conn.poll() else None
+        except (EOFError, OSError):         # it died: its process sentinel says how
+            self.process.join(WORKER_STOP_SECONDS)
+            return None
+
+
+def worker_loop(args: argparse.Namespace, conn, parent: int) -> None:
+    """A worker: migrate the instances the parent hands over, one at a time.
+
+    Its output goes back through the pipe, and its own stdout and stderr are /dev/null,
+    so it never keeps the caller's pipes open. When the parent dies it interrupts itself
+    (the migration under way rolls back, as at Ctrl-C) and takes no other instance.
+    """
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    os.close(quiet)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=interrupt_when_orphaned, args=(parent,), daemon=True).start()
+    try:
+        while True:
+            instance = conn.recv()
+            if instance is None or os.getppid() != parent:
+                return
+            conn.send(migrate_in_worker(args, instance))
+    except (KeyboardInterrupt, EOFError, OSError):
+        return
+
+
+def interrupt_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def migrate_in_worker(args: argparse.Namespace, instance: Instance) -> tuple[dict, str, str]:
+    """migrate_one, with what it writes to stderr captured for the parent to print."""
+    errors = io.StringIO()
+    with redirect_stderr(errors):
+        try:
+            result, text = migrate_one(args, instance)
+        except Exception as exc:  # noqa: BLE001 - an unexpected error: its traceback, one instance
+            traceback.print_exc()
+            result, text = not_migrated(args, instance, "failed",
+                                        f"{instance.name}: {type(exc).__name__}: {exc}"), ""
+    return result, text, errors.getvalue()
+
+
+def worker_died(args: argparse.Namespace, instance: Instance, exitcode: int | None) -> dict:
+    how = (f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+           if exitcode is not None and exitcode < 0 else f"exit code {exitcode}")
+    error = (f"{instance.name}: the worker migrating it died ({how}); a migration is all or "
+             f"nothing: see 'check {instance.name}' for the version it is at")
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return not_migrated(args, instance, "failed", error)
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    """Idle workers are told to stop; busy ones (this process was interrupted) are
+    interrupted; any still running after WORKER_STOP_SECONDS is killed."""
+    for worker in workers:
+        if not worker.process.is_alive():
+            continue
+        if worker.index is None:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        else:
+            with contextlib.suppress(OSError):
+                os.kill(worker.process.pid, signal.SIGINT)
+    deadline = time.monotonic() + WORKER_STOP_SECONDS
+    for worker in workers:
+        worker.process.join(max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
 
 
 def migrate_one(args: argparse.Namespace, instance: Instance) -> tuple[dict, str]:
