@@ -1958,9 +1958,12 @@ def worker_loop(args: argparse.Namespace, conn, parent: int) -> None:
     """A worker: migrate the instances the parent hands over, one at a time.
 
     Its output goes back through the pipe, and its own stdout and stderr are /dev/null,
-    so it never keeps the caller's pipes open. When the parent dies it interrupts itself
-    (the migration under way rolls back, as at Ctrl-C) and takes no other instance.
+    so it never keeps the caller's pipes open. It has a process group of its own, so a
+    Ctrl-C reaches the parent alone, which interrupts its workers once (stop_workers).
+    When the parent dies it interrupts itself (the migration under way rolls back, as
+    at Ctrl-C) and takes no other instance.
     """
+    os.setpgrp()
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)

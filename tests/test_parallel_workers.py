@@ -143,6 +143,11 @@ class WorkerKillTests(FleetTestCase):
             with self.subTest(instance=stem):
                 self.assertEqual(self.version(self.tenant(stem)), 2)
                 self.assertEqual(query(self.tenant(stem), "PRAGMA integrity_check"), [("ok",)])
+        for stem in ("slow1", "slow2"):
+            history = self.root / "backups" / "tenants" / stem / "history.jsonl"
+            last = json.loads(history.read_text(encoding="utf-8").splitlines()[-1])
+            self.assertEqual((last["operation"], last["version_after"]), ("migrate", 2))
+            self.assertTrue(last["outcome"].startswith("failed"), last)
 
     def test_a_killed_parent_leaves_no_worker_and_its_reader_sees_the_end(self) -> None:
         process, pids = self.parallel_run_with_two_sleepers()
