@@ -20,7 +20,7 @@ from tests.support import INI, ProjectTestCase, query, safe_db_update, sha256
 
 BUSY_TIMEOUT = 1                    # the instances' busy_timeout in these tests, seconds
 READER_TIMEOUT = 3                  # the application's own busy timeout
-SLACK = 4.0                         # start-up, the backup, the migration's own work
+SLACK = 6.0                         # start-up, the backup, the migration's own work
 SAFETY_TIMEOUT = 60
 
 HOLDER = """
