@@ -1910,7 +1910,8 @@ def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> 
                         worker = workers[position] = Worker(args)
                     worker.give(queue.pop(0), instances)
             busy = [w for w in workers if w.index is not None]
-            multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            multiprocessing.connection.wait([w.conn for w in busy]
+                                            + [w.process.sentinel for w in busy])
             for worker in busy:
                 reply = worker.collect()
                 if reply is not None:
