@@ -32,14 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, VERSION, Backup, CommandError,
-                            Instance, Table, add_backup_command, add_command, audited,
-                            backup_with_retention, confirm, connect, describe_table, emit,
-                            find_config, get_instance, instance_lock, integrity_problems,
-                            load_instances, newest_backup_time, open_readonly, read_config,
-                            read_history, require_database, resolve, root_parser, run,
-                            select_instances, NOT_INTERNAL, describe_error, is_busy,
-                            locked_message)
+from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDECARS, VERSION,
+                            Backup, CommandError, Instance, Table, add_backup_command,
+                            add_command, audited, backup_with_retention, confirm, connect,
+                            describe_error, describe_table, emit, empty_fleets, find_config,
+                            get_instance, instance_lock, integrity_problems, is_busy,
+                            list_backups, load_instances, locked_message, make_folders,
+                            newest_backup_time, open_readonly, read_config, read_history,
+                            require_database, resolve, root_parser, run, select_instances,
+                            set_aside_sidecars)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -1004,6 +1005,8 @@ def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, n
 def failure(migration: Migration, statement: str, error, note: str) -> str:
     if isinstance(error, sqlite3.DatabaseError) and "not authorized" in str(error):
         error = "statements that begin or end a transaction are not allowed in a migration"
+    elif isinstance(error, (sqlite3.Error, OSError)):
+        error = describe_error(error)       # a full disk says what ran out
     text = " ".join(statement.split())
     return (f"migration {migration.version} ({migration.description}) failed: {error}; "
             f"statement: {text[:200]}; rolled back, nothing changed{note}")
@@ -1166,13 +1169,18 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
                backup_note: str = "", expected: dict[str, str] | None = None) -> list[int]:
     """All of the plan in one transaction, checked before COMMIT; nothing on failure."""
+    name = plan.instance.name
     try:
         return apply_in_transaction(conn, plan, migrations, backup_note, expected)
     except sqlite3.Error as exc:       # BEGIN or COMMIT kept waiting, the disk, the tracking table
         if is_busy(exc):
             raise CommandError(f"{locked_message(plan.instance)}{backup_note}") from exc
-        raise CommandError(f"{plan.instance.name}: {exc}; rolled back, nothing changed"
+        raise CommandError(f"{name}: {describe_error(exc)}; rolled back, nothing changed"
                            f"{backup_note}") from exc
+    except CommandError as exc:        # a statement failed: say on which instance
+        if str(exc).startswith(f"{name}: "):
+            raise
+        raise CommandError(f"{name}: {exc}", exc.exit_code) from exc
 
 
 def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
@@ -1575,9 +1583,7 @@ def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> 
     migrations = all_migrations(instance)
     started = time.perf_counter()
     missing = not instance.path.exists()
-    if missing and not args.create:
-        raise CommandError(f"{instance.name}: no database at {instance.path}; add --create to "
-                           f"make a new one (never use it to replace a lost database: restore it)")
+    refuse_missing(args, instance, entry)
     state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
     refuse_unsafe(state)
     plan = plan_migrate(state, args.to, create=missing, allow_row_loss=tuple(args.allow_row_loss))
@@ -1595,10 +1601,56 @@ def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> 
     return Outcome(plan, tuple(applied), backup, time.perf_counter() - started)
 
 
+def refuse_missing(args: argparse.Namespace, instance: Instance, entry: dict) -> None:
+    """A missing file: --create makes it only where no database ever was; a lost one is
+    restored, or, asked for by name and confirmed, made anew with --new-empty-database."""
+    new_empty = getattr(args, "new_empty_database", False)
+    if instance.path.exists():
+        if new_empty:
+            raise CommandError(f"{instance.name}: {instance.path} exists; --new-empty-database "
+                               f"only makes a database where there is none; nothing changed",
+                               EXIT_USAGE)
+        return
+    signs = signs_of_a_lost_database(instance)
+    if signs and not new_empty:
+        raise LostDatabase(f"{instance.name}: no database at {instance.path}, but it had one "
+                           f"({'; '.join(signs)}); restore it with 'safe_db_update.py restore "
+                           f"{instance.name}'; nothing created (to start again from an empty "
+                           f"database anyway: 'migrate {instance.name} --new-empty-database')")
+    if not (args.create or new_empty):
+        raise CommandError(f"{instance.name}: no database at {instance.path}; add --create to "
+                           f"make a new one (never use it to replace a lost database: restore it)")
+    if signs and not args.dry_run:
+        confirm(args, instance, f"Make a new, EMPTY database for {instance.name} at "
+                                f"{instance.path}, although it had one?",
+                f"{instance.name}: " + "; ".join(signs) + "; its backups stay where they are")
+        entry.update(new_empty_database=True, signs=signs)
+
+
+class LostDatabase(CommandError):
+    """--create refused: the instance had a database, which is to be restored, not re-made."""
+
+
+def signs_of_a_lost_database(instance: Instance) -> list[str]:
+    """Why a missing database looks lost rather than never made: backups, an audit trail
+    that shows a database (a command that succeeded, or one that read a version), or a
+    -wal, -journal or -shm file left beside the missing file."""
+    signs = []
+    backups = list_backups(instance)
+    if backups:
+        signs.append(f"{len(backups)} backup(s) in {instance.backup_folder}")
+    if any(e.get("outcome") == "ok" or e.get("version_before") is not None
+           for e in read_history(instance)):
+        signs.append(f"an audit trail in {instance.home / 'history.jsonl'}")
+    signs += [f"{instance.path}{suffix} is beside it" for suffix in SIDECARS
+              if os.path.lexists(f"{instance.path}{suffix}")]
+    return signs
+
+
 def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
                    entry: dict) -> tuple[Backup | None, list[int]]:
     if plan.create:
-        return None, create_database(instance, migrations, plan)
+        return None, create_database(instance, migrations, plan, entry)
     backup, _ = backup_with_retention(instance, "pre-migrate")
     entry["backup"] = str(backup.path)
     if not backup.verified:
@@ -1610,19 +1662,25 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
     return backup, applied
 
 
-def create_database(instance: Instance, migrations: list[Migration], plan: Plan) -> list[int]:
+def create_database(instance: Instance, migrations: list[Migration], plan: Plan,
+                    entry: dict) -> list[int]:
     """--create: build the new database under a hidden name, then link it into place.
 
     A failed run leaves no file at the instance's path (only its hidden draft is
-    removed, never a database anyone could have used).
+    removed, never a database anyone could have used). For a confirmed
+    --new-empty-database, the -wal, -journal and -shm files beside the path are moved
+    into the backup folder just before the link, once the new database is complete.
     """
     path = instance.path
     draft = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         remove_killed_drafts(path)
+        os.close(os.open(draft, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # private
         with closing(sqlite3.connect(draft, isolation_level=None)) as conn:
             applied = apply_plan(conn, plan, migrations)
+        if entry.get("new_empty_database"):
+            entry["set_aside"] = [str(p) for p in set_aside_sidecars(instance, "orphaned")]
         os.link(draft, path)            # fails, rather than replace, if the path appeared
     except FileExistsError:
         raise CommandError(f"{instance.name}: {path} appeared while we were creating it; "
@@ -1669,14 +1727,20 @@ def age(created_at: str | None) -> str:
 
 
 def status_as_json(state: State, last_backup: str | None) -> dict:
+    same = list(state.instance.same_file_as)
     return {"name": state.instance.name, "path": str(state.instance.path), "exists": state.exists,
             "current_version": state.current_version, "latest_version": state.latest_version,
             "pending": [m.version for m in state.pending], "state": state.state,
             "last_backup": last_backup, **({"error": state.error} if state.error else {}),
-            **({"runner": state.runner.name} if state.runner else {})}
+            **({"runner": state.runner.name} if state.runner else {}),
+            **({"same_file_as": same} if same else {})}
 
 
-def format_status(rows: list[tuple[State, str | None]]) -> str:
+def format_empty_fleets(fleets: list[tuple[str, Path]]) -> list[str]:
+    return [f"{name}: a fleet with no members: no file matches {pattern}" for name, pattern in fleets]
+
+
+def format_status(rows: list[tuple[State, str | None]], fleets: list[tuple[str, Path]] = ()) -> str:
     width = max([8] + [len(s.instance.name) for s, _ in rows])
     lines = [f"{'instance':<{width}}  {'version':>7}  {'latest':>6}  {'pending':>7}  "
              f"{'state':<10}  last backup"]
@@ -1686,14 +1750,16 @@ def format_status(rows: list[tuple[State, str | None]]) -> str:
                      f"{len(state.pending):>7}  {state.state:<10}  {age(last)}"
                      + (f"  ({state.error})" if state.error else "")
                      + (f"  (built by {state.runner.name}: run 'adopt {state.instance.name}')"
-                        if state.runner else ""))
+                        if state.runner else "")
+                     + (f"  (same file as {', '.join(state.instance.same_file_as)}: write "
+                        f"commands refuse it)" if state.instance.same_file_as else ""))
     if len(rows) > 20:
         counts: dict[str, int] = {}
         for state, _ in rows:
             counts[state.state] = counts.get(state.state, 0) + 1
         lines.append(f"{len(rows)} instances: "
                      + ", ".join(f"{n} {word}" for word, n in sorted(counts.items())))
-    return "\n".join(lines)
+    return "\n".join(lines + format_empty_fleets(list(fleets)))
 
 
 def check_as_json(state: State) -> dict:
@@ -1833,7 +1899,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for instance in chosen_instances(args, args.name):
         state = inspect(instance, all_migrations(instance))
         rows.append((state, newest_backup_time(instance)))
-    emit(args, format_status(rows), {"instances": [status_as_json(s, last) for s, last in rows]})
+    fleets = [(name, pattern) for name, pattern in empty_fleets(find_config(args.config))
+              if args.name in (None, name)]
+    emit(args, format_status(rows, fleets),
+         {"instances": [status_as_json(s, last) for s, last in rows],
+          "empty_fleets": [{"name": name, "path": str(pattern)} for name, pattern in fleets]})
     return EXIT_FAILED if any(s.error for s, _ in rows) else EXIT_OK
 
 
@@ -1849,6 +1919,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     instances = chosen_instances(args, args.name)
     if not instances or instances[0].group == args.name:    # a fleet: every member
+        if args.new_empty_database:
+            raise CommandError(f"--new-empty-database makes one instance's database; name the "
+                               f"member, such as '{args.name}/NAME'", EXIT_USAGE)
         return migrate_many(args, instances)
     outcome = migrate_instance(args, instances[0])
     emit(args, format_outcome(outcome), outcome_as_json(outcome))
@@ -1888,7 +1961,10 @@ def migrate_in_order(args: argparse.Namespace, instances: list[Instance]) -> lis
         if text and not args.json:
             emit(args, text, {})
         results.append(result)
-        stopped = result["result"] == "failed" and not args.keep_going
+        # A lost database that --create refused to re-make stops nothing: the others
+        # are created or migrated, and the summary and exit code report it.
+        stopped = result["result"] == "failed" and not args.keep_going \
+            and not result.get("lost_database")
     return results
 
 
@@ -2038,7 +2114,10 @@ def migrate_one(args: argparse.Namespace, instance: Instance) -> tuple[dict, str
     except (CommandError, OSError) as exc:
         error = str(exc) if isinstance(exc, CommandError) else f"{instance.name}: {describe_error(exc)}"
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return not_migrated(args, instance, "failed", error, seen, time.perf_counter() - started), ""
+        row = not_migrated(args, instance, "failed", error, seen, time.perf_counter() - started)
+        if isinstance(exc, LostDatabase):   # refused, touching nothing: migrate-all goes on
+            row["lost_database"] = True
+        return row, ""
     failed = outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok
     return ({**outcome_as_json(outcome), "result": "failed" if failed else "ok",
              "error": outcome.rehearsal.error if failed else None}, format_outcome(outcome))
@@ -2112,8 +2191,9 @@ def cmd_new(args: argparse.Namespace) -> int:
     version, files = new_migration_files(folder, args.description, args.python)
     for path, text in files:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "x", encoding="utf-8") as handle:
+            make_folders(path.parent)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)    # private, as "x"
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
         except OSError as exc:
             raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
@@ -2171,7 +2251,8 @@ def add_migrate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", type=version_number, metavar="VERSION",
                         help="apply pending migrations up to this version only")
     parser.add_argument("--create", action="store_true",
-                        help="make the database file if it does not exist")
+                        help="make the database where none ever was (a lost one, with "
+                             "backups or an audit trail, is refused: restore it)")
     add_row_loss_option(parser)
     parser.add_argument("--keep-going", action="store_true",
                         help="several instances: go on with the next after a failure")
@@ -2196,6 +2277,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = add_command(commands, "migrate", cmd_migrate, "apply pending migrations to one instance")
     migrate.add_argument("name", metavar="NAME")
     add_migrate_options(migrate)
+    migrate.add_argument("--new-empty-database", action="store_true",
+                         help="make a new, empty database although the instance had one "
+                              "(it has backups or an audit trail); asks first; see the manual")
     migrate_all = add_command(commands, "migrate-all", cmd_migrate_all,
                               "migrate every instance in file order")
     add_migrate_options(migrate_all)

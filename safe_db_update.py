@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -50,6 +51,11 @@ KNOWN_KEYS = {"path", "protected", "backup_dir", "migrations_dir", "keep_backups
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REASONS = ("manual", "pre-migrate", "pre-restore", "pre-rollback")
 SQLITE_HEADER = b"SQLite format 3\x00"
+SIDECARS = ("-journal", "-wal", "-shm")     # files SQLite keeps beside a database
+# What SQLite says, inside "malformed database schema (NAME) - ...", when it cannot parse
+# a schema a newer SQLite wrote: not damage, so nothing may be replaced or moved.
+NEWER_SCHEMA = ("syntax error", "unrecognized token", "no such function", "no such collation",
+                "no such module")
 BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{12}Z)-(?P<reason>[a-z-]+)\.db")
 PROGRESS_AFTER_SECONDS = 1.5
 INVOCATION: list[str] = []          # the command line being run, for the audit trail
@@ -95,6 +101,7 @@ class Instance:
     keep_daily: int = 0             # also keep the newest backup of each of the last N days
     keep_weekly: int = 0            # ... ISO weeks
     keep_monthly: int = 0           # ... months (all in UTC)
+    same_file_as: tuple[str, ...] = ()  # other instance names for the same file (refused)
 
     @property
     def home(self) -> Path:
@@ -238,13 +245,58 @@ def load_instances(config: Path) -> list[Instance]:
     if not parser.sections():
         raise CommandError(f"{config}: no instances defined; add a section such as "
                            f"[dev] with path = instance/dev.db", EXIT_USAGE)
-    return instances
+    return mark_shared_files(instances)
+
+
+def mark_shared_files(instances: list[Instance]) -> list[Instance]:
+    """Note, on each instance, the other names the registry gives the same file.
+
+    The same file is the same resolved path, or the same inode (a hard link).
+    Write commands refuse such an instance: two names would mean two locks.
+    """
+    names: dict[object, list[str]] = {}
+    for instance in instances:
+        keys = [os.path.realpath(instance.path)]
+        with contextlib.suppress(OSError):
+            found = os.stat(instance.path)
+            keys.append((found.st_dev, found.st_ino))
+        for key in keys:
+            names.setdefault(key, []).append(instance.name)
+    shared: dict[str, set[str]] = {}
+    for group in names.values():
+        for name in group:
+            shared.setdefault(name, set()).update(n for n in group if n != name)
+    return [replace(i, same_file_as=tuple(sorted(shared[i.name]))) if shared.get(i.name) else i
+            for i in instances]
+
+
+def is_fleet(raw_path: str) -> bool:
+    """Only '*' makes a fleet; '[', ']' and '?' are ordinary characters of a file name."""
+    return "*" in raw_path
+
+
+def fleet_glob(pattern: Path) -> str:
+    """The glob for a fleet's path: '*' is the only wildcard, everything else literal."""
+    return "*".join(glob.escape(part) for part in str(pattern).split("*"))
+
+
+def empty_fleets(config: Path) -> list[tuple[str, Path]]:
+    """(name, path pattern) of each fleet no file matches yet, in the file's order."""
+    parser = read_config(config)
+    found = []
+    for section in parser.sections():
+        raw_path = parser[section].get("path", "").strip()
+        if is_fleet(raw_path):
+            pattern = resolve(config.parent, raw_path)
+            if not any(os.path.isfile(m) for m in glob.glob(fleet_glob(pattern))):
+                found.append((section, pattern))
+    return found
 
 
 def section_instances(config: Path, section: configparser.SectionProxy) -> list[Instance]:
     raw_path, settings, where = section_settings(config, section)
     base = config.parent
-    if glob.has_magic(raw_path):
+    if is_fleet(raw_path):
         return fleet_members(section.name, resolve(base, raw_path), settings, where)
     path = resolve(base, raw_path)
     if path.is_dir():
@@ -278,7 +330,7 @@ def section_settings(config: Path, section: configparser.SectionProxy) -> tuple[
 
 def fleet_members(group: str, pattern: Path, settings: dict, where: str) -> list[Instance]:
     members = []
-    for match in sorted(glob.glob(str(pattern))):
+    for match in sorted(glob.glob(fleet_glob(pattern))):
         path = Path(match)
         if path.is_dir():
             continue
@@ -330,13 +382,13 @@ def select_instances(instances: list[Instance], name: str, config: Path) -> list
     group, _, stem = name.partition("/")
     parser = read_config(config) if not chosen else None
     fleet = parser is not None and parser.has_section(group) \
-        and glob.has_magic(parser[group].get("path", ""))
+        and is_fleet(parser[group].get("path", ""))
     if fleet and not stem:
         return []
     if fleet and NAME_PATTERN.fullmatch(stem):
         raw_path, settings, _ = section_settings(config, parser[group])
         folder, pattern = os.path.split(raw_path)
-        if pattern.count("*") == 1 and not glob.has_magic(folder + pattern.replace("*", "")):
+        if pattern.count("*") == 1 and not is_fleet(folder):
             path = resolve(config.parent, os.path.join(folder, pattern.replace("*", stem)))
             return [Instance(name=name, path=path, group=group, **settings)]
     if not chosen:
@@ -422,10 +474,16 @@ def open_readonly(instance: Instance) -> sqlite3.Connection:
 @contextmanager
 def instance_lock(instance: Instance, command: str) -> Iterator[None]:
     """Keep backup, migrate and restore of one instance from overlapping."""
-    make_private_folder(instance.home)
+    if instance.same_file_as:
+        others = " and ".join(f"'{n}'" for n in instance.same_file_as)
+        raise CommandError(f"{instance.config}: instances '{instance.name}' and {others} are the "
+                           f"same file {instance.path}; their locks and backups would not guard "
+                           f"each other; remove all but one of them from the registry; nothing "
+                           f"done", EXIT_USAGE)
+    make_private_folder(instance, instance.home)
     lock_path = instance.home / "lock"
     try:
-        handle = os.fdopen(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600), "r+", encoding="utf-8")
+        handle = os.fdopen(open_private(lock_path, os.O_RDWR), "r+", encoding="utf-8")
     except OSError as exc:
         raise CommandError(f"{instance.name}: cannot open lock file {lock_path}: {exc.strerror}") from exc
     with handle:
@@ -530,15 +588,116 @@ def utc_now() -> tuple[str, str]:
     return now.strftime("%Y%m%dT%H%M%S%fZ"), now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def make_private_folder(folder: Path) -> None:
-    """Create folder (and parents) and make it and its parent-within-backups 0700."""
+def make_private_folder(instance: Instance, folder: Path) -> None:
+    """Create one of the instance's folders under its backup_dir, and vouch for the chain.
+
+    Every folder made here is 0700 whatever the umask. From backup_dir down (backup_dir
+    itself may be a symbolic link an administrator made), every level must be a real
+    folder, owned by this user or root and not writable by other users: otherwise another
+    user could put links where the lock, the audit trail or a backup is written. The
+    instance's own folders below backup_dir are made 0700 when they are ours.
+    """
     try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if folder.is_symlink():
-            raise CommandError(f"{folder} is a symbolic link; backups must live in a real folder")
-        os.chmod(folder, 0o700)
+        make_folders(instance.backup_dir)
+        check_private(instance.backup_dir, os.stat(instance.backup_dir))
+        level = instance.backup_dir
+        for part in folder.relative_to(instance.backup_dir).parts:
+            level = level / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(level, 0o700)
+            info = os.lstat(level)
+            if stat.S_ISLNK(info.st_mode):
+                raise CommandError(f"{level} is a symbolic link; backups must live in a real folder")
+            if info.st_uid == getattr(os, "geteuid", lambda: -1)() \
+                    and stat.S_IMODE(info.st_mode) != 0o700:
+                os.chmod(level, 0o700)
+                info = os.lstat(level)
+            check_private(level, info)
     except OSError as exc:
-        raise CommandError(f"cannot create folder {folder}: {exc.strerror}") from exc
+        raise CommandError(f"cannot create folder {folder}: {exc.strerror}"
+                           + (f" ({exc.filename})" if exc.filename else "")) from exc
+
+
+def check_private(folder: Path, info: os.stat_result) -> None:
+    """Refuse a folder another user owns or can write to (a sticky one like /tmp is fine)."""
+    if not stat.S_ISDIR(info.st_mode):
+        raise CommandError(f"{folder} is not a folder; backups must live in a real folder")
+    if hasattr(os, "geteuid") and info.st_uid not in (os.geteuid(), 0):
+        raise CommandError(f"{folder} belongs to another user ({owner_name(info.st_uid)}); "
+                           f"refusing to write there; remove it or run as its owner")
+    if writable_by_others(info):
+        raise CommandError(f"{folder} can be written by other users (mode "
+                           f"{stat.S_IMODE(info.st_mode):04o}); refusing to write there; "
+                           f"make it private: chmod 700 {folder}")
+
+
+def writable_by_others(info: os.stat_result) -> bool:
+    """World-writable, or group-writable for a group others are in; never a sticky folder.
+
+    A group-writable folder whose group is its owner's own private group (umask 002 on
+    systems with user private groups) has no other user in it, so it is not refused.
+    """
+    if info.st_mode & stat.S_ISVTX:
+        return False
+    if info.st_mode & 0o002:
+        return True
+    return bool(info.st_mode & 0o020) and not private_group(info.st_uid, info.st_gid)
+
+
+def private_group(uid: int, gid: int) -> bool:
+    """The user's own group, named after the user, with no other user in it."""
+    try:
+        import grp
+        import pwd
+        user, group = pwd.getpwuid(uid), grp.getgrgid(gid)
+        others = [p.pw_name for p in pwd.getpwall() if p.pw_gid == gid and p.pw_uid != uid]
+    except (ImportError, KeyError):
+        return False
+    return group.gr_name == user.pw_name and not others \
+        and set(group.gr_mem) <= {user.pw_name}
+
+
+def owner_name(uid: int) -> str:
+    try:
+        import pwd
+        return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def make_folders(folder: Path) -> None:
+    """Create folder and any missing parents, each 0700 whatever the umask."""
+    missing = []
+    while not os.path.lexists(folder) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(level, 0o700)
+            os.chmod(level, 0o700)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open a file the tool writes (created 0600), never through a symbolic link."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CommandError(f"{path} is a symbolic link; the tool never writes through one; "
+                               f"remove it") from exc
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (hasattr(os, "geteuid")
+                                              and info.st_uid != os.geteuid()):
+            raise CommandError(f"{path} is not a file of this user's; refusing to write to it; "
+                               f"remove it")
+        if stat.S_IMODE(info.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def sha256_of(path: Path) -> str:
@@ -609,8 +768,7 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
         raise CommandError(f"{instance.name}: no database at {instance.path}")
     started = time.perf_counter()
     folder = instance.backup_folder
-    make_private_folder(instance.home)
-    make_private_folder(folder)
+    make_private_folder(instance, folder)
     clear_leftovers(folder)                 # left by a killed backup; callers hold the lock
     final = unique_backup_path(folder, instance.stem, reason)
     partial = folder / f".{final.name}.partial"
@@ -624,8 +782,9 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
         discard(partial, Path(f"{final}.json.partial"))
         if is_busy(exc):
             raise CommandError(f"{locked_message(instance)} (no backup was made)") from exc
+        hint = "" if what_ran_out(exc) else f"; check free space and permissions in {folder}"
         raise CommandError(f"{instance.name}: backup failed: {describe_error(exc)}; the database "
-                           f"is unchanged; check free space and permissions in {folder}") from exc
+                           f"is unchanged{hint}") from exc
     except BaseException:
         discard(partial, Path(f"{final}.json.partial"))
         raise
@@ -664,6 +823,8 @@ def copy_database(instance: Instance, partial: Path) -> None:
     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
     with closing(open_readonly(instance)) as source:
+        with contextlib.suppress(sqlite3.DatabaseError):    # damage: copied for forensics
+            refuse_newer_schema(instance, source)
         if not copy_file_while_locked(source, instance.path, partial):
             copy_pages(source, partial, instance.busy_timeout)
     fsync_path(partial)
@@ -784,7 +945,8 @@ def write_manifest(backup: Backup, partial: Path) -> None:
     """Manifest first, then the database file: a backup is a .db with its .json."""
     manifest = Path(f"{backup.path}.json")
     temporary = Path(f"{manifest}.partial")
-    fd = os.open(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    discard(temporary)
+    fd = open_private(temporary, os.O_WRONLY | os.O_EXCL)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(backup.manifest(), handle, indent=2, sort_keys=True)
         handle.flush()
@@ -800,9 +962,42 @@ def discard(*paths: Path) -> None:
 
 
 def describe_error(exc: BaseException) -> str:
+    """An error in a few words; a write that ran out of room says what ran out."""
     if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
-    return str(exc)
+        text = f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+    else:
+        text = str(exc)
+    ran_out = what_ran_out(exc)
+    return f"{ran_out} ({text})" if ran_out else text
+
+
+def what_ran_out(exc: BaseException) -> str:
+    """'out of disk space', 'out of disk quota', the file size limit, or '' for other errors.
+
+    SQLite reports a full disk as 'database or disk is full' and a file that reached
+    the process's size limit (ulimit -f, EFBIG) as 'disk I/O error'.
+    """
+    number, text = getattr(exc, "errno", None), str(exc)
+    limit = file_size_limit()
+    if number == errno.EFBIG or (limit is not None and isinstance(exc, sqlite3.Error)
+                                 and ("disk I/O error" in text or "disk is full" in text)):
+        return ("out of file size: a file reached the process's file size limit (ulimit -f"
+                + (f" = {human_size(limit)}" if limit is not None else "") + ")")
+    if number == errno.ENOSPC or "database or disk is full" in text:
+        return "out of disk space"
+    if number == getattr(errno, "EDQUOT", None):
+        return "out of disk quota"
+    return ""
+
+
+def file_size_limit() -> int | None:
+    """The process's RLIMIT_FSIZE in bytes, or None when there is none."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def read_manifest(path: Path) -> Backup | None:
@@ -929,17 +1124,43 @@ def verify_backup(backup: Backup) -> list[str]:
 
 
 def readable(instance: Instance) -> bool:
-    """Can SQLite open the file? A busy database is an error, never 'unreadable'."""
+    """Can SQLite open the file? A busy database, or a schema written by a newer SQLite,
+    is an error, never 'unreadable': neither may be replaced as damaged."""
     try:
-        with closing(open_readonly(instance)) as conn:
-            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        return True
-    except sqlite3.OperationalError as exc:
-        if is_busy(exc):
-            raise CommandError(locked_message(instance)) from exc
-        return False
+        conn = open_readonly(instance)
     except (CommandError, sqlite3.Error):
         return False
+    with closing(conn):
+        try:
+            refuse_newer_schema(instance, conn)
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                raise CommandError(locked_message(instance)) from exc
+            return False
+        except sqlite3.Error:
+            return False
+    return True
+
+
+def refuse_newer_schema(instance: Instance, conn: sqlite3.Connection) -> None:
+    """Read the schema; refuse, changing nothing, when this SQLite cannot parse it.
+
+    "malformed database schema (v) - near "FIRST": syntax error" means a newer SQLite
+    wrote syntax this one does not know; "database disk image is malformed" and "file
+    is not a database" are damage, and other errors are raised as they are.
+    """
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "unsupported file format" in text or (text.startswith("malformed database schema")
+                                                 and any(m in text for m in NEWER_SCHEMA)):
+            raise CommandError(f"{instance.name}: this SQLite ({sqlite3.sqlite_version}) cannot "
+                               f"read the schema of {instance.path} ({text}); it was probably "
+                               f"written by a newer SQLite and is not damaged; nothing changed; "
+                               f"run the tool with a Python whose SQLite is as new as the "
+                               f"application's") from exc
+        raise
 
 
 def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, list[str]]:
@@ -970,18 +1191,59 @@ def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, l
 
         page_size, page_count = (source.execute(f"PRAGMA {p}").fetchone()[0]
                                  for p in ("page_size", "page_count"))
-        if page_count <= 1:                 # one step would finish the copy: save first
-            saved.append(create_backup(instance, "pre-restore"))
-        live.execute(f"PRAGMA cache_size = -{4 * RESTORE_STEP // 1024}")   # no spill in a step
+        left_wal = wal and leave_wal_for_page_size(instance, live, page_size)
+        if left_wal:
+            copy = copy_held_file(held.fileno())
         try:
-            source.backup(live, pages=max(1, min(RESTORE_STEP // page_size, page_count - 1)),
-                          progress=BoundedSteps(instance.busy_timeout, save_first))
-        except sqlite3.Error as exc:
-            if is_busy(exc):
-                raise CommandError(locked_message(instance)) from exc
-            raise CommandError(f"{instance.name}: restore failed: {exc}; the database is "
-                               f"unchanged") from exc
-        return saved[0], integrity_problems(live)
+            if page_count <= 1:             # one step would finish the copy: save first
+                saved.append(create_backup(instance, "pre-restore"))
+            live.execute(f"PRAGMA cache_size = -{4 * RESTORE_STEP // 1024}")   # no spill in a step
+            try:
+                source.backup(live, pages=max(1, min(RESTORE_STEP // page_size, page_count - 1)),
+                              progress=BoundedSteps(instance.busy_timeout, save_first))
+            except sqlite3.Error as exc:
+                if is_busy(exc):
+                    raise CommandError(locked_message(instance)) from exc
+                raise CommandError(f"{instance.name}: restore failed: {describe_error(exc)}; the "
+                                   f"database is unchanged") from exc
+            return saved[0], integrity_problems(live)
+        finally:
+            if left_wal:
+                return_to_wal(instance, live)
+
+
+def leave_wal_for_page_size(instance: Instance, live: sqlite3.Connection, page_size: int) -> bool:
+    """True when the backup's page size differs and the live database left WAL mode for it.
+
+    SQLite cannot change the page size of a database in WAL mode ('attempt to write a
+    readonly database'); in rollback-journal mode it can. Leaving WAL mode needs the
+    database to itself: while the application has it open, refuse, changing nothing.
+    """
+    live_size = live.execute("PRAGMA page_size").fetchone()[0]
+    if live_size == page_size:
+        return False
+    try:
+        mode = live.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        mode = str(exc)
+    if mode != "delete":
+        raise CommandError(f"{instance.name}: the backup's page size ({page_size} bytes) differs "
+                           f"from the live database's ({live_size}), and SQLite can change the "
+                           f"page size of a database in WAL mode only while no other connection "
+                           f"has it open ({mode}); nothing changed; stop the application, then "
+                           f"run restore again")
+    return True
+
+
+def return_to_wal(instance: Instance, live: sqlite3.Connection) -> None:
+    try:
+        mode = live.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    except sqlite3.Error as exc:
+        mode = str(exc)
+    if mode != "wal":
+        print(f"{PROG}: warning: {instance.name}: restored, but the database stays in "
+              f"rollback-journal mode ({mode}); the application switches it back when it sets "
+              f"journal_mode = WAL", file=sys.stderr)
 
 
 def copy_held_file(held: int) -> Callable[[Instance, Path], None]:
@@ -997,25 +1259,71 @@ def copy_held_file(held: int) -> Callable[[Instance, Path], None]:
 
 
 def replace_file(instance: Instance, backup: Backup) -> list[str]:
+    """Put a synced copy of the backup at the live path, with the replaced file's owner
+    and mode (0600, and the folder's owner when run as root, where there was no file)."""
     path = instance.path
     draft = path.with_name(f".{path.name}.restoring")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(backup.path, draft)
-        fsync_path(draft)
-        stamp, _ = utc_now()
-        make_private_folder(instance.backup_folder)
-        for suffix in ("-journal", "-wal", "-shm"):     # they belong to the file being replaced
-            sidecar = Path(f"{path}{suffix}")
-            if sidecar.exists():
-                sidecar.replace(instance.backup_folder / f"{instance.stem}-{stamp}-replaced.db{suffix}")
+        make_folders(path.parent)
+        like = os.stat(path) if path.exists() else None
+        discard(draft)                  # left by a killed restore
+        fd = os.open(draft, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            with open(backup.path, "rb") as source:
+                copy_bytes(source.fileno(), fd)
+            keep_owner_and_mode(instance, fd, like)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        set_aside_sidecars(instance, "replaced")    # they belong to the file being replaced
         draft.replace(path)
         fsync_path(path.parent, directory=True)
     except OSError as exc:
         discard(draft)
-        raise CommandError(f"{instance.name}: restore failed: {describe_error(exc)}") from exc
+        raise CommandError(f"{instance.name}: restore failed: {describe_error(exc)}; "
+                           f"nothing changed") from exc
+    except BaseException:
+        discard(draft)
+        raise
     with closing(open_readonly(instance)) as conn:
         return integrity_problems(conn)
+
+
+def keep_owner_and_mode(instance: Instance, fd: int, like: os.stat_result | None) -> None:
+    """Give the new file the replaced file's owner and mode; 0600 where there was none."""
+    if like is None:
+        os.fchmod(fd, 0o600)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:    # root: the application's folder
+            like = os.stat(instance.path.parent)
+            os.fchown(fd, like.st_uid, like.st_gid)
+        return
+    os.fchmod(fd, stat.S_IMODE(like.st_mode))
+    if hasattr(os, "fchown") and (like.st_uid, like.st_gid) != (os.geteuid(), os.getegid()):
+        try:
+            os.fchown(fd, like.st_uid, like.st_gid)
+        except PermissionError as exc:
+            raise CommandError(f"{instance.name}: {instance.path} belongs to "
+                               f"{owner_name(like.st_uid)}; run restore as that user or as root, "
+                               f"so that the restored file keeps its owner; nothing "
+                               f"changed") from exc
+
+
+def set_aside_sidecars(instance: Instance, label: str) -> list[Path]:
+    """Move -journal, -wal and -shm files beside the live path into the backup folder.
+
+    They belong to a database file that is gone or being replaced; a new file beside
+    them would be read through them (and be corrupt). Nothing is deleted.
+    """
+    make_private_folder(instance, instance.backup_folder)
+    stamp, _ = utc_now()
+    moved = []
+    for suffix in SIDECARS:
+        sidecar = Path(f"{instance.path}{suffix}")
+        if os.path.lexists(sidecar):
+            target = instance.backup_folder / f"{instance.stem}-{stamp}-{label}.db{suffix}"
+            sidecar.replace(target)
+            moved.append(target)
+    return moved
 
 
 def retention_policy(instance: Instance, keep: int | None = None) -> Policy:
@@ -1154,12 +1462,13 @@ def record_history(instance: Instance, entry: dict) -> None:
     line = {"time": utc_now()[1], "user": current_user(), "host": socket.gethostname(),
             "command": " ".join(INVOCATION or sys.argv), "instance": instance.name, **entry}
     try:
-        make_private_folder(instance.home)
-        fd = os.open(instance.home / "history.jsonl", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        make_private_folder(instance, instance.home)
+        fd = open_private(instance.home / "history.jsonl", os.O_APPEND | os.O_WRONLY)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
     except (OSError, CommandError) as exc:
-        print(f"{PROG}: warning: history not written: {exc}", file=sys.stderr)
+        if str(exc) not in str(entry.get("outcome")):   # the command's own error said it
+            print(f"{PROG}: warning: history not written: {exc}", file=sys.stderr)
 
 
 def current_user() -> str:
@@ -1353,6 +1662,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     chosen = instances if args.all else select_instances(instances, args.name, config)
     progress = sys.stderr.isatty() and not args.quiet and not args.json
     results, failed = [], 0
+    for name, pattern in empty_fleets(config):
+        if args.all or args.name == name:       # nothing to back up is never silent
+            print(f"{PROG}: error: {name}: a fleet with no members: no file matches {pattern}; "
+                  f"nothing backed up for it", file=sys.stderr)
+            failed += 1
     for instance in chosen:
         try:
             backup, removed = locked_backup(instance, progress)
