@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -248,6 +249,7 @@ class RestoreWithOpenConnectionTests(SafetyTestCase):
         if live.exists():
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{live}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(self.root / "backups")    # a new instance, not a lost one
         self.create()
         app = sqlite3.connect(live, isolation_level=None)     # the web app's connection
         self.addCleanup(app.close)

@@ -204,11 +204,12 @@ class Templates:
         self.schemas = {}
         for target in range(OLD, NEW + 1):                  # empty databases at each version
             dev.unlink(missing_ok=True)
-            call(database_migration, config, "migrate", "dev", "--create", "--to", str(target),
-                 "--yes")
+            call(database_migration, config, "migrate", "dev", "--new-empty-database", "--to",
+                 str(target), "--yes")
             self.schemas[target] = shape(dev)
         dev.unlink()
-        call(database_migration, config, "migrate", "dev", "--create", "--to", str(OLD))
+        call(database_migration, config, "migrate", "dev", "--new-empty-database", "--to", str(OLD),
+             "--yes")
         fill(dev)
         self.old = self.copies(dev, folder / "old")
         call(database_migration, config, "migrate", "dev", "--yes")
