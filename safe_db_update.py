@@ -256,12 +256,12 @@ def mark_shared_files(instances: list[Instance]) -> list[Instance]:
     """
     names: dict[object, list[str]] = {}
     for instance in instances:
-        keys = [os.path.realpath(instance.path)]
-        with contextlib.suppress(OSError):
+        try:                            # an existing file: its inode says it all
             found = os.stat(instance.path)
-            keys.append((found.st_dev, found.st_ino))
-        for key in keys:
-            names.setdefault(key, []).append(instance.name)
+            key: object = (found.st_dev, found.st_ino)
+        except OSError:                 # none yet: the path, resolved
+            key = os.path.realpath(instance.path)
+        names.setdefault(key, []).append(instance.name)
     shared: dict[str, set[str]] = {}
     for group in names.values():
         for name in group:

@@ -142,6 +142,13 @@ path = instance/dev.db
         code, _, err = self.migrate("prod", "--dry-run")            # reading is fine
         self.assertEqual(code, 0, err)
 
+    def test_two_names_for_a_file_not_made_yet_are_refused_by_create(self) -> None:
+        self.prod.unlink()
+        code, _, err = self.migrate("prod2", "--create")
+        self.assertEqual(code, 2, err)
+        self.assertIn("same file", err)
+        self.assertFalse(self.prod.exists())
+
     def test_a_hard_link_is_the_same_file_too(self) -> None:
         self.config.write_text(self.ini.replace("instance/../instance/prod.db",
                                                 "instance/other.db"), encoding="utf-8")
