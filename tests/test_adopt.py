@@ -614,6 +614,7 @@ class LayoutRuleTests(RunnerTestCase):
                 code, out, err = self.cli("rollback", "dev", "--to", str(target))
                 self.assertEqual(code, 0, err)          # the no-ops' down parts undo nothing
                 self.db().unlink()
+                shutil.rmtree(self.root / "backups")    # a new instance next, not a lost one
                 self.empty_folder()
 
     def test_an_empty_file_in_our_layout_is_still_refused(self) -> None:
