@@ -9,11 +9,13 @@ it commits; see DATABASE_MIGRATION_README.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import functools
 import hashlib
 import importlib.util
 import io
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -27,7 +29,7 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import closing, contextmanager, redirect_stderr
+from contextlib import closing, contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,9 +38,10 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDE
                             Backup, CommandError, Instance, Table, add_backup_command,
                             add_command, audited, backup_with_retention, confirm, connect,
                             describe_error, describe_table, emit, empty_fleets, find_config,
-                            get_instance, instance_lock, integrity_problems, is_busy,
-                            list_backups, load_instances, locked_message, make_folders,
-                            newest_backup_time, open_readonly, read_config, read_history,
+                            get_instance, hold_interrupts, instance_lock, integrity_problems,
+                            is_busy, list_backups, load_instances, locked_message, make_folders,
+                            make_private_folder, newest_backup_time, open_private, open_readonly,
+                            read_config, read_history,
                             require_database, resolve, root_parser, run, select_instances,
                             set_aside_sidecars)
 
@@ -47,6 +50,7 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDE
 PROG = "database_migration.py"
 __version__ = VERSION               # one version for both CLIs
 
+SCHEMA_RECORDS = "python-schema"    # <backup_dir>/<name>/python-schema/<version>.json
 MIGRATION_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<kind>sql|py)")
 # Other runners' layouts, read as they are (see 'Coming from another tool' in the manual).
 DBMATE_FILE = re.compile(r"(?P<version>\d+)-(?P<description>.+)\.sql")
@@ -60,7 +64,6 @@ LAYOUT_NAMES = {
 }
 UNFILLED = "-- TODO: write this part's SQL here, then delete this line (until then every command refuses it)"
 MARKER = re.compile(r"^\s*--\s*migrate:(?P<part>up|down)\b.*$", re.IGNORECASE)
-TRANSACTION_CONTROL = re.compile(r"^(BEGIN|COMMIT|END|VACUUM|ROLLBACK(?!\s+(TRANSACTION\s+)?TO\b))\b")
 DESTRUCTIVE = (
     ("DROP TABLE", re.compile(r"^DROP\s+TABLE\b")),
     ("DROP COLUMN", re.compile(r"^ALTER\s+TABLE\b.*\bDROP\b")),
@@ -79,7 +82,6 @@ DELETES_FROM = re.compile(rf"^(?:WITH\b.*?\b)?DELETE\s+FROM\s+(?:{SQL_NAME}\s*\.
 RENAMES_TABLE = re.compile(rf"^ALTER\s+TABLE\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})"
                            rf"\s+RENAME\s+TO\s+(?P<new>{SQL_NAME})")
 WORKER_STOP_SECONDS = 10.0          # how long stopping --jobs workers may take before SIGKILL
-SQLITE_TRANSACTION = 22             # the authorizer's action code for BEGIN/COMMIT/ROLLBACK
 # sqlite3_complete's state machine (SQLite's complete.c), so that splitting is linear:
 # a row per state, a column per token. White space and comments leave the state as it is.
 SEMI, OTHER, EXPLAIN, CREATE, TEMP, TRIGGER, END = range(7)
@@ -105,6 +107,39 @@ COMPLETE_TOKEN = re.compile(rf"""
 """, re.ASCII | re.DOTALL | re.IGNORECASE | re.VERBOSE)
 NOT_SPACE = re.compile(r"[^ \t\n\f\r]")              # SQLite's white space
 QUOTES = {"'": "'", '"': '"', "`": "`", "[": "]"}
+# A migration cannot leave the run's transaction. These pragmas, when set, would let it:
+# journaling, syncing and locking are what ROLLBACK and COMMIT rely on (journal_mode=OFF
+# and a failed run leaves its changes behind), and writable_schema and schema_version edit
+# the schema behind SQLite's back. wal_checkpoint acts even when only read. Every other
+# pragma stays allowed: reading ones (table_info, foreign_key_list, foreign_key_check),
+# and foreign_keys, defer_foreign_keys, legacy_alter_table, user_version, which act
+# inside the transaction only (foreign_keys is a no-op there; the run sets it itself).
+ESCAPING_PRAGMAS = ("journal_mode", "locking_mode", "synchronous", "fullfsync",
+                    "checkpoint_fullfsync", "writable_schema", "schema_version")
+PRAGMA_NAME = r"^PRAGMA\s+(?:\S+?\s*\.\s*)?[\"`\[]?(?P<name>\w+)[\"`\]]?\s*(?P<set>[=(])?"
+# What a migration may not run, and why: (pattern on bare_sql's text, reason).
+ESCAPES = (
+    (re.compile(r"^(BEGIN|COMMIT|END|ROLLBACK(?!\s+(TRANSACTION\s+)?TO\b))\b"),
+     "statements that begin or end a transaction are not allowed in a migration; the tool "
+     "runs the whole run in one transaction of its own"),
+    (re.compile(r"^VACUUM\b.*\bINTO\b"),
+     "VACUUM INTO writes the database to another file, which a migration may not reach; "
+     "take a copy with 'backup NAME' instead"),
+    (re.compile(r"^VACUUM\b"),
+     "VACUUM cannot run inside the run's transaction; run it outside migrations"),
+    (re.compile(r"\bLOAD_EXTENSION\s*\("),
+     "load_extension loads native code into the tool; a migration cannot load extensions"),
+    (re.compile(r"^(ATTACH|DETACH)\b"),
+     "ATTACH and DETACH reach another database file; a migration changes its own database "
+     "only"),
+)
+ESCAPING_PRAGMA = ("this pragma would weaken the run's transaction (journaling, syncing, "
+                   "locking or the schema's own bookkeeping), so a failed run could not be "
+                   "undone; set it on the database outside migrations")
+REFUSED = ("not allowed in a migration: it would leave the run's transaction or reach "
+           "another file")         # the authorizer refused something the text did not show
+SQLITE_PRAGMA, SQLITE_TRANSACTION = 19, 22      # the authorizer's action codes
+SQLITE_ATTACH, SQLITE_DETACH, SQLITE_FUNCTION = 24, 25, 31
 
 TRACKING_TABLE = """
     CREATE TABLE schema_migrations (
@@ -187,7 +222,7 @@ class Migration:
     @property
     def has_down(self) -> bool:
         return bool(self.down) or self.reversible or \
-            (bool(self.python) and "down" in python_functions(self))
+            (bool(self.python) and "down" in python_outline(self.python)[0])
 
     @property
     def label(self) -> str:
@@ -257,6 +292,7 @@ class State:
     modified: tuple[int, ...] = ()      # applied, but the migration's checksum changed
     unknown: tuple[int, ...] = ()       # in the database, not in the migration list
     drift: tuple[str, ...] = ()
+    drift_unchecked: str = ""           # why the schema could not be compared ('' when it was)
     problems: tuple[str, ...] = ()
     error: str = ""
     untracked: str = ""                 # why the database is untracked; empty when it is not
@@ -471,11 +507,28 @@ def statements_of(parts, where: str, part: str) -> tuple[str, ...]:
                            EXIT_USAGE)
     statements = tuple(s for p in parts for s in split_statements(p, f"{where} ({part} part)"))
     for statement in statements:
-        if TRANSACTION_CONTROL.match(bare_sql(statement)):
-            raise CommandError(f"{where}: '{statement[:40]}' controls the transaction; the tool runs "
-                               f"each migration run in one transaction of its own; remove it",
-                               EXIT_USAGE)
+        reason = escape_reason(statement)
+        if reason:
+            raise CommandError(f"{where}: '{' '.join(statement.split())[:60]}': {reason}; "
+                               f"remove it", EXIT_USAGE)
     return statements
+
+
+def escape_reason(statement: str) -> str:
+    """Why a migration may not run this statement ('' when it may): see ESCAPES."""
+    sql = bare_sql(statement)
+    for pattern, reason in ESCAPES:
+        if pattern.search(sql):
+            return reason
+    pragma = re.match(PRAGMA_NAME, sql)
+    if pragma and escaping_pragma(pragma["name"], pragma["set"] is not None):
+        return ESCAPING_PRAGMA
+    return ""
+
+
+def escaping_pragma(name: str, setting: bool) -> bool:
+    name = name.lower()
+    return name == "wal_checkpoint" or (setting and name in ESCAPING_PRAGMAS)
 
 
 def migrations_from_code(entries: list[dict]) -> list[Migration]:
@@ -630,12 +683,31 @@ def read_sql_file(path: Path) -> tuple[str, str]:
 
 
 def read_python_file(path: Path, version: int, description: str) -> Migration:
+    """A .py migration, read without running it: only migrate, rollback and the dry run's
+    rehearsal ever import it (load_python_module)."""
     text = read_text(path)
-    module = load_python_module(path)
-    if not callable(getattr(module, "up", None)):
+    try:
+        functions, destructive = python_outline(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise CommandError(f"{path}: cannot load: {type(exc).__name__}: {exc}", EXIT_USAGE) from exc
+    if "up" not in functions:
         raise CommandError(f"{path}: a Python migration defines up(conn)", EXIT_USAGE)
     return Migration(version=version, description=description, up=(), source=str(path),
-                     python=text, declared_destructive=getattr(module, "DESTRUCTIVE", False) is True)
+                     python=text, declared_destructive=destructive)
+
+
+@functools.lru_cache(maxsize=None)
+def python_outline(text: str) -> tuple[frozenset, bool]:
+    """(functions defined at the top level, whether DESTRUCTIVE = True), read with ast."""
+    functions, destructive = set(), False
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef):
+            functions.add(node.name)
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == "DESTRUCTIVE" for t in targets):
+            destructive = isinstance(node.value, ast.Constant) and node.value.value is True
+    return frozenset(functions), destructive
 
 
 _python_modules: dict[str, object] = {}
@@ -648,7 +720,7 @@ def load_python_module(path: Path):
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - any error in a user's file is a usage error
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in a user's file
             raise CommandError(f"{path}: cannot load: {type(exc).__name__}: {exc}", EXIT_USAGE) from exc
         _python_modules[key] = module
     return _python_modules[key]
@@ -747,7 +819,7 @@ def untracked_step(name: str, runner: Runner | None) -> str:
 
 def compare(instance: Instance, migrations: list[Migration], applied: list[Applied],
             problems: list[str], drift: tuple[str, ...] = (), untracked: str = "",
-            runner: Runner | None = None) -> State:
+            runner: Runner | None = None, drift_unchecked: str = "") -> State:
     known = {m.version: m for m in migrations}
     done = {a.version for a in applied}
     modified = tuple(a.version for a in applied
@@ -765,8 +837,8 @@ def compare(instance: Instance, migrations: list[Migration], applied: list[Appli
                  current_version=max(done, default=0),
                  latest_version=max(known, default=0), applied=tuple(applied),
                  pending=tuple(m for m in migrations if m.version not in done),
-                 modified=modified, unknown=unknown, drift=drift, problems=tuple(problems),
-                 untracked=untracked, runner=runner)
+                 modified=modified, unknown=unknown, drift=drift, drift_unchecked=drift_unchecked,
+                 problems=tuple(problems), untracked=untracked, runner=runner)
 
 
 def inspect(instance: Instance, migrations: list[Migration], quick_check: bool = False,
@@ -781,13 +853,14 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
             problems = [f"quick_check: {p}" for p in integrity_problems(conn, quick=True)] \
                 if quick_check else []
             applied = read_applied(conn)
-            drift = schema_drift(conn, migrations, applied) if with_drift else ()
+            drift, unchecked = schema_drift(conn, migrations, applied,
+                                            read_schema_records(instance)) if with_drift else ((), "")
             runner = foreign_runner(conn)
             untracked = untracked_reason(conn, applied, runner)
     except (CommandError, sqlite3.Error, OSError, ValueError, TypeError) as exc:
         return State(instance=instance, exists=True, current_version=None, latest_version=latest,
                      pending=tuple(migrations), error=str(exc).removeprefix(f"{instance.name}: "))
-    return compare(instance, migrations, applied, problems, drift, untracked, runner)
+    return compare(instance, migrations, applied, problems, drift, untracked, runner, unchecked)
 
 
 # --- Schema comparison (drift) -----------------------------------------------
@@ -819,25 +892,64 @@ def master_sql(conn: sqlite3.Connection) -> dict[str, str]:
 _expected_schemas: dict[tuple, tuple[dict[str, str], dict[str, str]] | None] = {}
 
 
-def expected_schema(migrations: list[Migration], versions: tuple[int, ...]) -> dict[str, str] | None:
-    """The schema that running these versions on an empty database produces (cached)."""
-    expected = expected_schemas(migrations, versions)
+def expected_schema(migrations: list[Migration], versions: tuple[int, ...],
+                    records: dict[int, dict] | None = None) -> dict[str, str] | None:
+    """The schema these versions produce (cached); None when it cannot be known."""
+    expected = expected_schemas(migrations, versions, records)
     return None if expected is None else expected[0]
 
 
-def expected_schemas(migrations: list[Migration], versions: tuple[int, ...]):
-    """(normalised schema, sqlite_master SQL) of these versions built in memory, cached."""
-    key = (tuple(m.checksum for m in migrations if m.version in versions), versions)
+def expected_schemas(migrations: list[Migration], versions: tuple[int, ...],
+                     records: dict[int, dict] | None = None):
+    """(normalised schema, sqlite_master SQL) of these versions built in memory, cached.
+
+    No Python migration's code runs here: what one did to the schema comes from the
+    record kept when it was applied (see keep_schema_records). None when a Python
+    migration among them has no usable record, or the SQL does not build.
+    """
+    start, rest = starting_record(migrations, versions, records or {})
+    if any(m.python for m in rest):
+        return None
+    key = (tuple((m.version, m.checksum) for m in rest), versions,
+           json.dumps(start, sort_keys=True) if start else "")
     if key not in _expected_schemas:
-        chosen = [m for m in migrations if m.version in versions]
         with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
             try:
                 with migration_transaction(conn):
-                    run_migrations(conn, chosen, "up")
+                    if start:
+                        recreate_objects(conn, start["objects"])
+                    run_migrations(conn, rest, "up")
                 _expected_schemas[key] = (schema_of(conn), master_sql(conn))
             except (CommandError, sqlite3.Error):
                 _expected_schemas[key] = None
     return _expected_schemas[key]
+
+
+def starting_record(migrations: list[Migration], versions: tuple[int, ...],
+                    records: dict[int, dict]) -> tuple[dict | None, list[Migration]]:
+    """The latest usable Python-migration record among these versions, and the migrations
+    applied after it (or all of them, without one), in version order."""
+    chosen = [m for m in migrations if m.version in versions]
+    usable = [records[m.version] for m in chosen if m.python and m.version in records
+              and records[m.version]["checksum"] == m.checksum
+              and set(records[m.version]["versions"]) <= set(versions)]
+    if not usable:
+        return None, chosen
+    start = max(usable, key=lambda r: (len(r["versions"]), r["version"]))
+    return start, [m for m in chosen if m.version not in start["versions"]]
+
+
+def recreate_objects(conn: sqlite3.Connection, objects: list[list]) -> None:
+    """Create recorded schema objects: tables first, then indexes, views and triggers."""
+    rank = {"table": 0, "index": 1, "view": 2, "trigger": 3}
+    for kind, name, _table, sql in sorted(objects, key=lambda o: rank.get(o[0], 4)):
+        made = conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?",
+                            (kind, name)).fetchone()
+        if made or sql is None:         # made by an earlier one (a virtual table's own tables)
+            continue
+        if not re.match(r"\s*CREATE\b", sql, re.IGNORECASE):
+            raise CommandError(f"a schema record holds '{sql[:40]}', not a CREATE statement")
+        conn.execute(sql)
 
 
 def compare_schemas(expected: dict[str, str], actual: dict[str, str],
@@ -854,24 +966,93 @@ def compare_schemas(expected: dict[str, str], actual: dict[str, str],
     return tuple(lines)
 
 
-def schema_drift(conn: sqlite3.Connection, migrations: list[Migration],
-                 applied: list[Applied]) -> tuple[str, ...]:
+def schema_drift(conn: sqlite3.Connection, migrations: list[Migration], applied: list[Applied],
+                 records: dict[int, dict]) -> tuple[tuple[str, ...], str]:
+    """What differs from the schema the applied migrations produce, and why that could not
+    be checked ('' when it was)."""
     known = {m.version for m in migrations}
     versions = tuple(sorted(a.version for a in applied))
     if not versions or not set(versions) <= known:
-        return ()
-    expected = expected_schemas(migrations, versions)
+        return (), ""                   # nothing applied, or 'ahead': said elsewhere
+    expected = expected_schemas(migrations, versions, records)
     if expected is None:
-        return ()
+        return (), unchecked_reason(migrations, versions, records)
     shape, sql = expected
     actual_sql = master_sql(conn)
     changed = {key for key in set(sql) | set(actual_sql) if sql.get(key) != actual_sql.get(key)}
     if not changed:
-        return ()                       # the common case: one query, no column reads
+        return (), ""                   # the common case: one query, no column reads
     # Only objects whose text differs are compared by shape (a table's columns), so
     # that a harmless difference in how a CREATE was written is not drift.
     return compare_schemas({k: v for k, v in shape.items() if k in changed},
-                           schema_of(conn, only=changed))
+                           schema_of(conn, only=changed)), ""
+
+
+def unchecked_reason(migrations: list[Migration], versions: tuple[int, ...],
+                     records: dict[int, dict]) -> str:
+    _, rest = starting_record(migrations, versions, records)
+    python = [m for m in rest if m.python]
+    if python:
+        return (f"migration {python[0].version} is a Python migration applied without a schema "
+                f"record (by an older version of this tool, or the record was lost), and its "
+                f"code is never run to find out")
+    return "the applied migrations' SQL does not build on an empty database in memory"
+
+
+# --- Records of what Python migrations did -----------------------------------
+
+def schema_record(conn: sqlite3.Connection, migration: Migration) -> dict:
+    """The schema right after a Python migration ran, and the versions it reflects."""
+    versions = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+    return {"version": migration.version, "checksum": migration.checksum,
+            "versions": sorted(versions | {migration.version}),
+            "objects": [list(row) for row in conn.execute(SCHEMA_OBJECTS)]}
+
+
+def keep_schema_records(instance: Instance, records: dict[int, dict]) -> None:
+    """After COMMIT, <backup_dir>/<name>/python-schema/<version>.json (0600, never through
+    a symbolic link); a failure only warns: drift is then not checked past that migration."""
+    folder = instance.home / SCHEMA_RECORDS
+    for version, record in sorted(records.items()):
+        temporary = folder / f".{version}.json.{os.getpid()}"
+        try:
+            make_private_folder(instance, folder)
+            with suppress(FileNotFoundError):
+                temporary.unlink()
+            with os.fdopen(open_private(temporary, os.O_EXCL | os.O_WRONLY), "w",
+                           encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, folder / f"{version}.json")
+        except (OSError, CommandError) as exc:
+            print(f"{PROG}: warning: no schema record for migration {version} ({exc}); drift "
+                  f"is not checked past it", file=sys.stderr)
+
+
+def read_schema_records(instance: Instance) -> dict[int, dict]:
+    """The instance's Python-migration records by version; unreadable ones are left out."""
+    folder = instance.home / SCHEMA_RECORDS
+    records = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if valid_record(record) and path.stem == str(record["version"]):
+                records[record["version"]] = record
+        except (OSError, ValueError, TypeError, RecursionError):
+            continue
+    return records
+
+
+def valid_record(record) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("version"), int)
+            and isinstance(record.get("checksum"), str)
+            and isinstance(record.get("versions"), list)
+            and all(isinstance(v, int) for v in record["versions"])
+            and isinstance(record.get("objects"), list)
+            and all(isinstance(o, list) and len(o) == 4 and all(isinstance(x, (str, type(None)))
+                                                                 for x in o)
+                    for o in record["objects"]))
 
 
 # --- Planning ----------------------------------------------------------------
@@ -929,42 +1110,76 @@ def destructive_statements(migrations, direction: str) -> tuple[tuple[int, str, 
 # --- Applying ----------------------------------------------------------------
 
 class TransactionGuard:
-    """An authorizer that refuses BEGIN/COMMIT/ROLLBACK from inside a migration."""
+    """An authorizer that refuses, inside a migration, what would leave its transaction:
+    BEGIN/COMMIT/ROLLBACK, ATTACH/DETACH, load_extension() and the ESCAPING_PRAGMAS."""
 
     def __init__(self) -> None:
         self.active = False
 
-    def __call__(self, action, *_):
-        if self.active and action == SQLITE_TRANSACTION:
+    def __call__(self, action, first, second, *_):
+        if self.active and escapes(action, first, second):
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
 
+def escapes(action: int, first: str | None, second: str | None) -> bool:
+    """True for an authorizer request that would leave the run's transaction."""
+    if action in (SQLITE_TRANSACTION, SQLITE_ATTACH, SQLITE_DETACH):
+        return True
+    if action == SQLITE_FUNCTION:
+        return (second or "").lower() == "load_extension"
+    return action == SQLITE_PRAGMA and escaping_pragma(first or "", second is not None)
+
+
 class MigrationConnection:
-    """What a Python migration's up(conn) receives: it can read and write, not commit."""
+    """What a Python migration's up(conn) receives: it reads and writes inside the run's
+    transaction and nothing else. Once that transaction is gone (SQLite ends it on its own
+    after a disk-full or I/O error) every call is refused, so nothing can run in autocommit;
+    a refusal fails the run even when the migration catches it."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self.refused = ""
 
     def execute(self, sql: str, parameters=()):
-        return self._conn.execute(sql, parameters)
+        return self._run(self._conn.execute, sql, parameters)
 
     def executemany(self, sql: str, seq_of_parameters):
-        return self._conn.executemany(sql, seq_of_parameters)
+        return self._run(self._conn.executemany, sql, seq_of_parameters)
+
+    def _run(self, method, sql: str, parameters):
+        if not self._conn.in_transaction:
+            self.refuse("the run's transaction has ended (SQLite rolled it back after an error); "
+                        "nothing after that point may run")
+        reason = escape_reason(sql) if isinstance(sql, str) else ""
+        if reason:
+            self.refuse(reason)
+        try:
+            return method(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            if "not authorized" in str(exc):
+                self.refuse(REFUSED)
+            raise
+
+    def refuse(self, reason: str) -> None:
+        self.refused = self.refused or reason
+        raise CommandError(reason)
 
     def commit(self) -> None:
-        raise CommandError("a migration cannot commit; the tool commits the whole run at the end")
+        self.refuse("a migration cannot commit; the tool commits the whole run at the end")
 
     rollback = commit
 
     def executescript(self, _script: str) -> None:
-        raise CommandError("executescript commits on its own; use execute() per statement")
+        self.refuse("executescript commits on its own; use execute() per statement")
 
 
 def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
                    backup_note: str = "", record: bool = False,
-                   ledger: RowLedger | None = None) -> list[int]:
-    """Run the up (or down) parts inside the caller's transaction."""
+                   ledger: RowLedger | None = None,
+                   schema_records: dict[int, dict] | None = None) -> list[int]:
+    """Run the up (or down) parts inside the caller's transaction; schema_records, when
+    given, receives what each Python up() left the schema as (see schema_record)."""
     done = []
     ledger = ledger or RowLedger()
     for migration in migrations:
@@ -972,6 +1187,8 @@ def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
         if migration.python:
             with ledger.watch_python(conn, migration):
                 run_python(conn, migration, direction, backup_note)
+            if schema_records is not None and direction == "up":
+                schema_records[migration.version] = schema_record(conn, migration)
         for statement in (migration.up if direction == "up" else migration.down):
             try:
                 with ledger.watch_statement(conn, migration.version, statement):
@@ -990,21 +1207,28 @@ def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
 
 def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, note: str) -> None:
     function = python_functions(migration).get(direction)
-    if function is None:
-        return
+    if function is None:            # read as a def, but not a function once imported
+        raise CommandError(failure(migration, f"{direction}(conn)", f"{direction} is not a "
+                                   f"function when the file runs", note))
+    wrapper = MigrationConnection(conn)
     try:
-        function(MigrationConnection(conn))
-    except CommandError as exc:
-        raise CommandError(failure(migration, f"{direction}(conn)", exc, note)) from exc
+        function(wrapper)
+    except SystemExit as exc:       # sys.exit() in a migration fails the run, whatever its code
+        raise CommandError(failure(migration, f"{direction}(conn)",
+                                   f"it called sys.exit({exc.code!r})", note)) from exc
     except Exception as exc:  # noqa: BLE001 - a user's code may raise anything; roll back
-        raise CommandError(failure(migration, f"{direction}(conn)", exc, note)) from exc
+        raise CommandError(failure(migration, f"{direction}(conn)", wrapper.refused or exc,
+                                   note)) from exc
+    if wrapper.refused:             # caught by the migration, which went on: still a failure
+        raise CommandError(failure(migration, f"{direction}(conn)", wrapper.refused, note))
     if not conn.in_transaction:
-        raise CommandError(failure(migration, f"{direction}(conn)", "it ended the transaction", note))
+        raise CommandError(failure(migration, f"{direction}(conn)", "the run's transaction "
+                                   "ended inside it (an error it caught?)", note))
 
 
 def failure(migration: Migration, statement: str, error, note: str) -> str:
     if isinstance(error, sqlite3.DatabaseError) and "not authorized" in str(error):
-        error = "statements that begin or end a transaction are not allowed in a migration"
+        error = escape_reason(statement) or REFUSED
     elif isinstance(error, (sqlite3.Error, OSError)):
         error = describe_error(error)       # a full disk says what ran out
     text = " ".join(statement.split())
@@ -1137,10 +1361,16 @@ def ensure_tracking_table(conn: sqlite3.Connection, migrations: list[Migration])
 
 
 @contextmanager
-def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """Foreign keys off (set before BEGIN, or it is a no-op), one transaction, guard on."""
+def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -> Iterator[None]:
+    """Foreign keys off (set before BEGIN, or it is a no-op), one transaction, guard on.
+
+    audit: the audit entry of a real run; Ctrl-C is held back from just before COMMIT
+    until that entry is written (safe_db_update.hold_interrupts).
+    """
     guard = TransactionGuard()
     conn.set_authorizer(guard)
+    if hasattr(conn, "enable_load_extension"):     # off by default; make sure it stays off
+        conn.enable_load_extension(False)
     conn.execute("PRAGMA foreign_keys = OFF")
     patience = conn.execute("PRAGMA busy_timeout").fetchone()[0]     # ms: the busy_timeout
     try:
@@ -1154,7 +1384,11 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
             yield
             guard.active = False
             conn.execute(f"PRAGMA busy_timeout = {patience}")   # COMMIT: readers, busy_timeout
+            if audit is not None:
+                hold_interrupts(audit)
             conn.execute("COMMIT")
+            if audit is not None and os.environ.get("DB_MIGRATION_TEST_SIGINT_AFTER_COMMIT"):
+                os.kill(os.getpid(), signal.SIGINT)     # tests only: Ctrl-C at the worst moment
         except BaseException:
             guard.active = False
             if conn.in_transaction:
@@ -1167,11 +1401,16 @@ def migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
-               backup_note: str = "", expected: dict[str, str] | None = None) -> list[int]:
-    """All of the plan in one transaction, checked before COMMIT; nothing on failure."""
+               backup_note: str = "", expected: dict[str, str] | None = None,
+               audit: dict | None = None) -> list[int]:
+    """All of the plan in one transaction, checked before COMMIT; nothing on failure.
+
+    audit: the audit entry of a real run (not a rehearsal): Ctrl-C after COMMIT is held
+    until it is written, and Python migrations' schema records are kept.
+    """
     name = plan.instance.name
     try:
-        return apply_in_transaction(conn, plan, migrations, backup_note, expected)
+        return apply_in_transaction(conn, plan, migrations, backup_note, expected, audit)
     except sqlite3.Error as exc:       # BEGIN or COMMIT kept waiting, the disk, the tracking table
         if is_busy(exc):
             raise CommandError(f"{locked_message(plan.instance)}{backup_note}") from exc
@@ -1184,8 +1423,10 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration]
 
 
 def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
-                         backup_note: str, expected: dict[str, str] | None) -> list[int]:
-    with migration_transaction(conn):
+                         backup_note: str, expected: dict[str, str] | None,
+                         audit: dict | None) -> list[int]:
+    schema_records: dict[int, dict] = {}
+    with migration_transaction(conn, audit):
         if tuple(a.version for a in read_applied(conn)) != plan.applied:
             raise CommandError(f"{plan.instance.name}: changed by someone else since the plan was "
                                f"made; nothing done; run the command again")
@@ -1193,7 +1434,7 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
         ensure_tracking_table(conn, migrations)
         ledger = RowLedger(plan)
         done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True,
-                              ledger=ledger)
+                              ledger=ledger, schema_records=schema_records)
         check_before_commit(conn, plan, before, backup_note, ledger)
         if expected is not None:
             differences = compare_schemas(expected, schema_of(conn))
@@ -1201,6 +1442,8 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
                 raise CommandError(f"after the down parts the schema is not that of version "
                                    f"{plan.to_version}: {differences[0]}; rolled back, nothing "
                                    f"changed{backup_note}")
+    if audit is not None and schema_records:
+        keep_schema_records(plan.instance, schema_records)
     return done
 
 
@@ -1319,9 +1562,11 @@ def rollback_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
                 raise CommandError(f"{instance.name}: the pre-rollback backup failed its integrity "
                                    f"check ({backup.path}); nothing changed")
             expected = expected_schema(migrations, tuple(a.version for a in state.applied
-                                                         if a.version <= plan.to_version))
+                                                         if a.version <= plan.to_version),
+                                       read_schema_records(instance))
             with closing(connect(instance)) as conn:
-                undone = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", expected)
+                undone = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", expected,
+                                    audit=entry)
         entry["version_after"] = plan.to_version
     return Outcome(plan, tuple(undone), backup, time.perf_counter() - started)
 
@@ -1357,7 +1602,7 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
             backup, _ = backup_with_retention(instance, "pre-migrate")
             entry["backup"] = str(backup.path)
             try:
-                with closing(connect(instance)) as conn, migration_transaction(conn):
+                with closing(connect(instance)) as conn, migration_transaction(conn, entry):
                     ensure_tracking_table(conn, migrations)
                     conn.executemany(RECORD_APPLIED, [(m.version, m.description, m.checksum, 0)
                                                       for m in chosen])
@@ -1403,7 +1648,7 @@ def adopt_instance(args: argparse.Namespace, instance: Instance) -> Adoption:
                 raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
                                    f"check ({backup.path}); nothing changed")
             try:
-                with closing(connect(instance)) as conn, migration_transaction(conn):
+                with closing(connect(instance)) as conn, migration_transaction(conn, entry):
                     if foreign_runner(conn) != runner or read_runner_rows(conn, instance, runner) != rows:
                         raise CommandError(f"{instance.name}: changed by someone else since it was "
                                            f"read; nothing done; run adopt again")
@@ -1650,14 +1895,16 @@ def signs_of_a_lost_database(instance: Instance) -> list[str]:
 def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
                    entry: dict) -> tuple[Backup | None, list[int]]:
     if plan.create:
-        return None, create_database(instance, migrations, plan, entry)
+        applied = create_database(instance, migrations, plan, entry)
+        entry["version_after"] = plan.to_version
+        return None, applied
     backup, _ = backup_with_retention(instance, "pre-migrate")
     entry["backup"] = str(backup.path)
     if not backup.verified:
         raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
                            f"check ({backup.path}); nothing changed")
     with closing(connect(instance)) as conn:
-        applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}")
+        applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry)
     entry["version_after"] = plan.to_version
     return backup, applied
 
@@ -1678,7 +1925,7 @@ def create_database(instance: Instance, migrations: list[Migration], plan: Plan,
         remove_killed_drafts(path)
         os.close(os.open(draft, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # private
         with closing(sqlite3.connect(draft, isolation_level=None)) as conn:
-            applied = apply_plan(conn, plan, migrations)
+            applied = apply_plan(conn, plan, migrations, audit=entry)
         if entry.get("new_empty_database"):
             entry["set_aside"] = [str(p) for p in set_aside_sidecars(instance, "orphaned")]
         os.link(draft, path)            # fails, rather than replace, if the path appeared

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import stat
@@ -59,6 +60,7 @@ NEWER_SCHEMA = ("syntax error", "unrecognized token", "no such function", "no su
 BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{12}Z)-(?P<reason>[a-z-]+)\.db")
 PROGRESS_AFTER_SECONDS = 1.5
 INVOCATION: list[str] = []          # the command line being run, for the audit trail
+HELD_HANDLER = "held SIGINT handler"    # in an audit entry between COMMIT and its line; never written
 CHUNK = 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
 RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
@@ -83,6 +85,10 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C arrived after COMMIT: the change is in the database and recorded as ok; exit 0."""
 
 
 # --- Records -----------------------------------------------------------------
@@ -1480,7 +1486,11 @@ def current_user() -> str:
 
 @contextmanager
 def audited(instance: Instance, command: str, before: int | None = None) -> Iterator[dict]:
-    """Record the command's outcome in history.jsonl, failure included."""
+    """Record the command's outcome in history.jsonl, failure included.
+
+    A Ctrl-C held back by hold_interrupts() (from a COMMIT until this line is written)
+    ends the command here, after the line says what happened: InterruptedAfterCommit.
+    """
     entry: dict = {"operation": command, "version_before": before, "version_after": before,
                    "backup": None}
     started = time.perf_counter()
@@ -1495,7 +1505,26 @@ def audited(instance: Instance, command: str, before: int | None = None) -> Iter
         raise
     finally:
         entry["seconds"] = round(time.perf_counter() - started, 3)
+        previous = entry.pop(HELD_HANDLER, None)
         record_history(instance, entry)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if entry.get("interrupted"):
+        raise InterruptedAfterCommit(
+            f"{instance.name}: interrupted after COMMIT: the change was committed (version "
+            f"{entry['version_before']} -> {entry['version_after']}) and recorded as ok in "
+            f"{instance.home / 'history.jsonl'}")
+
+
+def hold_interrupts(entry: dict) -> None:
+    """From a COMMIT until audited() has written entry, note Ctrl-C in it instead of raising,
+    so that a change that committed is never recorded as failed."""
+    def note(*_) -> None:
+        entry["interrupted"] = "after commit"
+    try:
+        entry.setdefault(HELD_HANDLER, signal.signal(signal.SIGINT, note))
+    except ValueError:              # not the main thread: the signal goes to another one
+        pass
 
 
 def read_history(instance: Instance) -> list[dict]:
@@ -1876,6 +1905,9 @@ def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> i
     except OSError as exc:
         print(f"{prog}: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except InterruptedAfterCommit as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
