@@ -993,9 +993,9 @@ def unchecked_reason(migrations: list[Migration], versions: tuple[int, ...],
     _, rest = starting_record(migrations, versions, records)
     python = [m for m in rest if m.python]
     if python:
-        return (f"migration {python[0].version} is a Python migration applied without a schema "
-                f"record (by an older version of this tool, or the record was lost), and its "
-                f"code is never run to find out")
+        return (f"migration {python[0].version} is a Python migration with no schema record "
+                f"(kept when this tool applies it: this one was applied by an older version, or "
+                f"the record was lost), and its code is never run to find out")
     return "the applied migrations' SQL does not build on an empty database in memory"
 
 
@@ -1591,8 +1591,10 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
                 raise CommandError(f"{instance.name}: the database was built by {runner.name} (its "
                                    f"{runner.table} table); use 'adopt {instance.name}', which "
                                    f"records what {runner.name} applied; nothing recorded")
-            expected = expected_schema(migrations, tuple(m.version for m in chosen))
-            differences = compare_schemas(expected or {}, actual)
+            versions = tuple(m.version for m in chosen)
+            expected = expected_schema(migrations, versions)
+            differences = compare_schemas(expected, actual) if expected is not None else \
+                (f"schema not compared: {unchecked_reason(migrations, versions, {})}",)
         entry.update(version_before=0, version_after=0, differences=list(differences))
         if differences and not args.force:
             raise CommandError(f"{instance.name}: the schema does not match migrations up to "
@@ -2018,7 +2020,9 @@ def check_as_json(state: State) -> dict:
                          "checksum_ok": a.version in known and a.version not in state.modified}
                         for a in state.applied],
             "pending": [m.version for m in state.pending], "problems": list(state.problems),
-            "drift": list(state.drift), "state": state.state, "consistent": consistent(state)}
+            "drift": list(state.drift), "drift_checked": not state.drift_unchecked,
+            "drift_unchecked": state.drift_unchecked or None,
+            "state": state.state, "consistent": consistent(state)}
 
 
 def consistent(state: State) -> bool:
@@ -2036,6 +2040,8 @@ def format_check(state: State) -> str:
     lines.append("pending: " + (", ".join(m.label for m in state.pending) or "none"))
     lines.append("problems:" if state.problems else "problems: none")
     lines += [f"  {p}" for p in state.problems]
+    if state.drift_unchecked:
+        lines.append(f"drift: not checked: {state.drift_unchecked}")
     return "\n".join(lines)
 
 
