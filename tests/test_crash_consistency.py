@@ -32,7 +32,7 @@ from contextlib import closing, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from tests.support import (INI as BASE_INI, LOAN_APP, ROOT, ProjectTestCase, database_migration,
-                           query, safe_db_update)
+                           query, safe_db_update, sha256)
 
 TRIALS = int(os.environ.get("CRASH_TRIALS", "10"))
 SEED = int(os.environ.get("CRASH_SEED", "20261123"))
@@ -80,6 +80,39 @@ DROP INDEX payment_loan_id;
 }
 
 INI = BASE_INI.replace("busy_timeout = 2", "busy_timeout = 10")
+
+# Migrations that try to get out of the run's transaction, pending on the new template
+# (version 5). Each run must fail and leave version 5 whole.
+ESCAPING_PRAGMAS = """import sqlite3
+
+def up(conn):
+    for pragma in ("PRAGMA journal_mode = MEMORY", "PRAGMA synchronous = OFF",
+                   "PRAGMA locking_mode = EXCLUSIVE", "PRAGMA journal_mode = OFF"):
+        try:
+            conn.execute(pragma)
+        except Exception:
+            pass        # swallowed: the run must fail all the same
+    # Far more than SQLite's page cache holds: changed pages spill into the file, where
+    # only the journal could undo them.
+    conn.execute("UPDATE payment SET amount = amount + 1, note = printf('%.300c', 'x')")
+    conn.execute("INSERT INTO no_such_table (x) VALUES (1)")
+"""
+SWALLOWS_DISK_FULL = """import sqlite3
+
+def up(conn):
+    conn.execute("CREATE TABLE bulk (x BLOB)")
+    try:            # far past the file size limit: SQLite ends the transaction itself
+        conn.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                     "WHERE i < 20000) INSERT INTO bulk SELECT randomblob(1000) FROM n")
+    except sqlite3.Error:
+        pass        # swallowed; every later statement would commit on its own
+    for sql in ("UPDATE payment SET amount = 0 WHERE id < 100",
+                "DELETE FROM payment WHERE id >= 100", "DELETE FROM loan"):
+        try:
+            conn.execute(sql)
+        except Exception:
+            pass
+"""
 
 FINGERPRINT = {     # per table: what 'every committed row is still there' compares
     "user": "COUNT(*), TOTAL(id), TOTAL(LENGTH(email))",
@@ -415,6 +448,48 @@ class DiskFullTests(CrashTestCase):
         self.assertWhole(db, dict([self.t.states["old"]]), "after the full disk")
         self.assertEqual([b["reason"] for b in self.assertBackupsVerify("disk full")],
                          ["pre-restore"])
+
+
+class EscapeAttemptTests(CrashTestCase):
+    """A migration that tries to leave its transaction, on 60,000 payments in both modes."""
+
+    def each_mode(self, migration: str, text: str, test) -> None:
+        self.write_migration(migration, text)
+        for mode in MODES:
+            with self.subTest(journal_mode=mode):
+                test(self.start_from(self.t.new[mode]), mode)
+
+    def test_journal_and_sync_pragmas_from_a_python_migration_leave_the_database_whole(self):
+        def test(db: Path, mode: str) -> None:
+            result = self.run_script("database_migration.py", "migrate", "dev", "--yes")
+            self.assertWhole(db, dict([self.t.states["new"]]), f"{mode}: after the pragmas")
+            self.assertOneLineError(result, "migration 6", "weaken the run's transaction",
+                                    "rolled back, nothing changed")
+            self.assertEqual(query(db, "PRAGMA journal_mode"), [(mode,)])
+        self.each_mode("0006_escape.py", ESCAPING_PRAGMAS, test)
+
+    def test_the_same_pragma_in_a_sql_migration_is_refused_before_anything_is_opened(self):
+        def test(db: Path, mode: str) -> None:
+            before = (db.stat().st_mtime_ns, sha256(db))
+            result = self.run_script("database_migration.py", "migrate", "dev", "--yes")
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertIn("0006_escape.sql", result.stderr)
+            self.assertEqual((db.stat().st_mtime_ns, sha256(db)), before, mode)
+            self.assertEqual(self.listed(), [])
+        self.each_mode("0006_escape.sql", "PRAGMA journal_mode = OFF;\n"
+                                          "UPDATE payment SET amount = amount + 1;\n"
+                                          "INSERT INTO no_such_table (x) VALUES (1);\n", test)
+
+    def test_a_swallowed_disk_full_error_commits_nothing_afterwards(self) -> None:
+        def test(db: Path, mode: str) -> None:
+            limit = db.stat().st_size + 64 * 1024   # the backup fits; the bulk insert cannot
+            result = DiskFullTests.run_limited(self, limit, "database_migration.py", "migrate",
+                                               "dev", "--yes")
+            self.assertOneLineError(result, "migration 6", "rolled back, nothing changed")
+            self.assertWhole(db, dict([self.t.states["new"]]), f"{mode}: after the full disk")
+            self.assertEqual([b["reason"] for b in self.assertBackupsVerify(mode)],
+                             ["pre-migrate"])
+        self.each_mode("0006_swallow.py", SWALLOWS_DISK_FULL, test)
 
 
 class ConcurrentWriterTests(CrashTestCase):

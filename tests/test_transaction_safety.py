@@ -31,14 +31,16 @@ def python_migration(body: str, head: str = "") -> str:
 
 
 class SafetyTestCase(test_apply.ApplyTestCase):
-    """The loan app at version 2 in dev, with MANY payments."""
+    """The loan app at version 2 in dev, with `payments` payments."""
+
+    payments = MANY
 
     def setUp(self) -> None:
         super().setUp()
         self.execute("WITH RECURSIVE n(i) AS (SELECT 3 UNION ALL SELECT i + 1 FROM n "
-                     f"WHERE i < {MANY}) INSERT INTO payment (id, loan_id, amount) "
+                     f"WHERE i < {self.payments}) INSERT INTO payment (id, loan_id, amount) "
                      "SELECT i, 1 + i % 2, i % 50 FROM n")
-        self.payments = query(self.path, "SELECT COUNT(*), TOTAL(amount) FROM payment")
+        self.fingerprint = query(self.path, "SELECT COUNT(*), TOTAL(amount) FROM payment")
 
     def script(self, *argv: str, env: dict | None = None, limit: int | None = None
                ) -> subprocess.CompletedProcess:
@@ -59,7 +61,7 @@ class SafetyTestCase(test_apply.ApplyTestCase):
         self.assertEqual(query(self.path, "PRAGMA integrity_check"), [("ok",)], where)
         self.assertEqual(self.versions(), [1, 2], where)
         self.assertEqual(query(self.path, "SELECT COUNT(*), TOTAL(amount) FROM payment"),
-                         self.payments, where)
+                         self.fingerprint, where)
         self.assertEqual(dump(self.path), before, where)
 
     def assertOneLine(self, result: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -242,6 +244,7 @@ class TransactionGoneTests(SafetyTestCase):
 # --- Item 5: Ctrl-C right after COMMIT ---------------------------------------
 
 class InterruptAfterCommitTests(SafetyTestCase):
+    payments = 10
     HOOK = {"DB_MIGRATION_TEST_SIGINT_AFTER_COMMIT": "1"}   # a real SIGINT just after COMMIT
 
     def assertCommittedAndSaid(self, result: subprocess.CompletedProcess, operation: str,
@@ -285,6 +288,8 @@ RECORDS = Path("backups") / "dev" / "python-schema"
 
 class ReadOnlyTests(SafetyTestCase):
     """A Python migration whose top level and up() each leave a marker file."""
+
+    payments = 10
 
     def setUp(self) -> None:
         super().setUp()
