@@ -74,7 +74,7 @@ class SafetyTestCase(test_apply.ApplyTestCase):
 
 # --- Item 2: a migration cannot leave its transaction ------------------------
 
-class EscapeTests(SafetyTestCase):
+class JournalOffTests(SafetyTestCase):
 
     def test_a_migration_that_switches_the_journal_off_is_refused_before_the_database_is_opened(self):
         for mode in ("OFF", "MEMORY"):
@@ -108,6 +108,9 @@ class EscapeTests(SafetyTestCase):
                                    "rolled back, nothing changed")
                 self.assertUnchanged(before, mode)
                 self.assertEqual(query(self.path, "PRAGMA journal_mode"), [("delete",)])
+
+class EscapeTests(SafetyTestCase):
+    payments = 10
 
     def test_each_escape_is_refused_at_load_time_with_its_own_message(self) -> None:
         cases = (("ATTACH DATABASE 'other.db' AS other", "reach another database file"),
@@ -204,6 +207,7 @@ SWALLOWS_DISK_FULL = python_migration("""
 
 
 class TransactionGoneTests(SafetyTestCase):
+    payments = 10
 
     def test_a_python_migration_that_swallows_a_disk_full_error_cannot_change_anything(self):
         self.add(3, SWALLOWS_DISK_FULL, suffix="py")
