@@ -123,10 +123,10 @@ ESCAPES = (
      "statements that begin or end a transaction are not allowed in a migration; the tool "
      "runs the whole run in one transaction of its own"),
     (re.compile(r"^VACUUM\b.*\bINTO\b"),
-     "VACUUM INTO writes the database to another file, which a migration may not reach; "
-     "take a copy with 'backup NAME' instead"),
+     "VACUUM INTO writes the database to another file, which a migration may not reach "
+     "(take a copy with 'backup NAME' instead)"),
     (re.compile(r"^VACUUM\b"),
-     "VACUUM cannot run inside the run's transaction; run it outside migrations"),
+     "VACUUM cannot run inside the run's transaction (run it outside migrations)"),
     (re.compile(r"\bLOAD_EXTENSION\s*\("),
      "load_extension loads native code into the tool; a migration cannot load extensions"),
     (re.compile(r"^(ATTACH|DETACH)\b"),
@@ -135,7 +135,9 @@ ESCAPES = (
 )
 ESCAPING_PRAGMA = ("this pragma would weaken the run's transaction (journaling, syncing, "
                    "locking or the schema's own bookkeeping), so a failed run could not be "
-                   "undone; set it on the database outside migrations")
+                   "undone (set it on the database outside migrations)")
+TRANSACTION_ENDED = ("the run's transaction has ended (SQLite rolled it back after an "
+                     "error); nothing after that point may run")
 REFUSED = ("not allowed in a migration: it would leave the run's transaction or reach "
            "another file")         # the authorizer refused something the text did not show
 SQLITE_PRAGMA, SQLITE_TRANSACTION = 19, 22      # the authorizer's action codes
@@ -994,8 +996,8 @@ def unchecked_reason(migrations: list[Migration], versions: tuple[int, ...],
     python = [m for m in rest if m.python]
     if python:
         return (f"migration {python[0].version} is a Python migration with no schema record "
-                f"(kept when this tool applies it: this one was applied by an older version, or "
-                f"the record was lost), and its code is never run to find out")
+                f"(what it does to the schema is recorded when this tool applies it; an older "
+                f"version of the tool kept none), and its code is never run to find out")
     return "the applied migrations' SQL does not build on an empty database in memory"
 
 
@@ -1111,13 +1113,16 @@ def destructive_statements(migrations, direction: str) -> tuple[tuple[int, str, 
 
 class TransactionGuard:
     """An authorizer that refuses, inside a migration, what would leave its transaction:
-    BEGIN/COMMIT/ROLLBACK, ATTACH/DETACH, load_extension() and the ESCAPING_PRAGMAS."""
+    BEGIN/COMMIT/ROLLBACK, ATTACH/DETACH, load_extension() and the ESCAPING_PRAGMAS; and
+    every statement once SQLite has ended the run's transaction on its own (a disk-full
+    or I/O error), so that nothing after that point can run, and commit, in autocommit."""
 
-    def __init__(self) -> None:
+    def __init__(self, conn: sqlite3.Connection | None = None) -> None:
         self.active = False
+        self.conn = conn
 
     def __call__(self, action, first, second, *_):
-        if self.active and escapes(action, first, second):
+        if self.active and (escapes(action, first, second) or not self.conn.in_transaction):
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
@@ -1149,8 +1154,7 @@ class MigrationConnection:
 
     def _run(self, method, sql: str, parameters):
         if not self._conn.in_transaction:
-            self.refuse("the run's transaction has ended (SQLite rolled it back after an error); "
-                        "nothing after that point may run")
+            self.refuse(TRANSACTION_ENDED)
         reason = escape_reason(sql) if isinstance(sql, str) else ""
         if reason:
             self.refuse(reason)
@@ -1217,13 +1221,15 @@ def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, n
         raise CommandError(failure(migration, f"{direction}(conn)",
                                    f"it called sys.exit({exc.code!r})", note)) from exc
     except Exception as exc:  # noqa: BLE001 - a user's code may raise anything; roll back
-        raise CommandError(failure(migration, f"{direction}(conn)", wrapper.refused or exc,
-                                   note)) from exc
-    if wrapper.refused:             # caught by the migration, which went on: still a failure
-        raise CommandError(failure(migration, f"{direction}(conn)", wrapper.refused, note))
-    if not conn.in_transaction:
-        raise CommandError(failure(migration, f"{direction}(conn)", "the run's transaction "
-                                   "ended inside it (an error it caught?)", note))
+        raise CommandError(failure(migration, f"{direction}(conn)",
+                                   refusal(conn, wrapper) or exc, note)) from exc
+    if refusal(conn, wrapper):      # caught by the migration, which went on: still a failure
+        raise CommandError(failure(migration, f"{direction}(conn)", refusal(conn, wrapper), note))
+
+
+def refusal(conn: sqlite3.Connection, wrapper: MigrationConnection) -> str:
+    """Why a Python migration failed the run although it may have caught the error."""
+    return wrapper.refused or ("" if conn.in_transaction else TRANSACTION_ENDED)
 
 
 def failure(migration: Migration, statement: str, error, note: str) -> str:
@@ -1367,7 +1373,7 @@ def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -
     audit: the audit entry of a real run; Ctrl-C is held back from just before COMMIT
     until that entry is written (safe_db_update.hold_interrupts).
     """
-    guard = TransactionGuard()
+    guard = TransactionGuard(conn)
     conn.set_authorizer(guard)
     if hasattr(conn, "enable_load_extension"):     # off by default; make sure it stays off
         conn.enable_load_extension(False)
