@@ -996,8 +996,8 @@ def unchecked_reason(migrations: list[Migration], versions: tuple[int, ...],
     python = [m for m in rest if m.python]
     if python:
         return (f"migration {python[0].version} is a Python migration with no schema record "
-                f"(what it does to the schema is recorded when this tool applies it; an older "
-                f"version of the tool kept none), and its code is never run to find out")
+                f"(what it does to the schema is recorded when this tool applies it; there is "
+                f"none for this database), and its code is never run to find out")
     return "the applied migrations' SQL does not build on an empty database in memory"
 
 

@@ -391,6 +391,19 @@ class ReadOnlyTests(SafetyTestCase):
         self.assertEqual(json.loads(out)["drift_checked"], False)
         self.assertEqual(self.imports(), 1, "the migrate run only")
 
+    def test_baseline_does_not_run_a_python_migration_to_compare_schemas(self) -> None:
+        self.assertEqual(self.script("migrate", "dev").returncode, 0)
+        seen = (len(self.runs()), self.imports())
+        prod = self.db("prod")
+        shutil.copy(self.path, prod)
+        self.execute("DROP TABLE schema_migrations", path=prod)
+        result = self.script("baseline", "prod", "--to", "3")
+        self.assertOneLine(result, 1, "schema not compared: migration 3 is a Python migration",
+                           "--force")
+        self.assertEqual(self.script("baseline", "prod", "--to", "3", "--force").returncode, 0)
+        self.assertEqual(self.versions(prod), [1, 2, 3])
+        self.assertEqual((len(self.runs()), self.imports()), seen)
+
     def test_a_later_sql_migration_is_checked_on_top_of_the_record(self) -> None:
         self.assertEqual(self.script("migrate", "dev", "--to", "3").returncode, 0)
         self.assertEqual(self.script("migrate", "dev").returncode, 0)
