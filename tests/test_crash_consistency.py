@@ -1,6 +1,7 @@
 """Crash consistency of migrate, rollback, restore and migrate-all, in real processes on a
 database of tens of thousands of rows: SIGKILL at random moments, a full disk
-(RLIMIT_FSIZE), and the application writing all the time.
+(RLIMIT_FSIZE), the application writing all the time, and migrations that try to leave
+their transaction (journal and sync pragmas; a disk-full error swallowed in Python).
 
 After a crash the database must hold either the old or the new version, whole: integrity
 ok, the schema of that version, every row committed before; no partial backup listed;
