@@ -8,27 +8,36 @@ it commits; see DATABASE_MIGRATION_README.md.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+# Run as a command (this script, or the database-migration console script), not imported:
+# Ctrl-C is held back while the modules below load and the arguments are read, and
+# delivered as the command starts (see run()): one line and exit 130, not a traceback.
+if hasattr(signal, "pthread_sigmask") and (
+        __name__ == "__main__" or os.path.basename(sys.argv[0]) == "database-migration"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 import argparse
 import ast
+import calendar
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import re
 import shlex
 import shutil
-import signal
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
 import traceback
+import types
 from contextlib import closing, contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +47,7 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDE
                             Backup, CommandError, Instance, Table, add_backup_command,
                             add_command, audited, backup_with_retention, confirm, connect,
                             describe_error, describe_table, emit, empty_fleets, find_config,
-                            get_instance, hold_interrupts, instance_lock, integrity_problems,
+                            fsync_path, get_instance, hold_interrupts, instance_lock, integrity_problems,
                             is_busy, list_backups, load_instances, locked_message, make_folders,
                             make_private_folder, newest_backup_time, open_private, open_readonly,
                             read_config, read_history,
@@ -715,13 +724,20 @@ def python_outline(text: str) -> tuple[frozenset, bool]:
 _python_modules: dict[str, object] = {}
 
 
-def load_python_module(path: Path):
+def load_python_module(path: Path, text: str):
+    """The migration's module, run from the text that was checksummed.
+
+    compile() and exec() rather than an import: no bytecode is written anywhere (an
+    import would leave migrations/__pycache__/ in the user's repository unless
+    PYTHONDONTWRITEBYTECODE is set), and the code that runs is the text checksummed.
+    """
     key = str(path)
     if key not in _python_modules:
-        spec = importlib.util.spec_from_file_location(f"migration_{abs(hash(key))}", path)
-        module = importlib.util.module_from_spec(spec)
+        module = types.ModuleType(f"migration_{abs(hash(key))}")
+        module.__file__ = key
         try:
-            spec.loader.exec_module(module)
+            code = compile(text.encode("utf-8"), key, "exec")     # bytes: a BOM reads as on import
+            exec(code, module.__dict__)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in a user's file
             raise CommandError(f"{path}: cannot load: {type(exc).__name__}: {exc}", EXIT_USAGE) from exc
         _python_modules[key] = module
@@ -729,7 +745,7 @@ def load_python_module(path: Path):
 
 
 def python_functions(migration: Migration) -> dict[str, Callable]:
-    module = load_python_module(Path(migration.source))
+    module = load_python_module(Path(migration.source), migration.python)
     return {name: getattr(module, name) for name in ("up", "down") if callable(getattr(module, name, None))}
 
 
@@ -1937,6 +1953,8 @@ def create_database(instance: Instance, migrations: list[Migration], plan: Plan,
         if entry.get("new_empty_database"):
             entry["set_aside"] = [str(p) for p in set_aside_sidecars(instance, "orphaned")]
         os.link(draft, path)            # fails, rather than replace, if the path appeared
+        draft.unlink()
+        fsync_path(path.parent, directory=True)     # the new name survives a power cut
     except FileExistsError:
         raise CommandError(f"{instance.name}: {path} appeared while we were creating it; "
                            f"nothing replaced; run migrate again") from None
@@ -1973,7 +1991,9 @@ def confirm_destructive(args: argparse.Namespace, plan: Plan) -> None:
 def age(created_at: str | None) -> str:
     if not created_at:
         return "never"
-    stamp = time.mktime(time.strptime(created_at[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    # created_at is UTC: timegm reads it as UTC whatever TZ says (mktime would read it as
+    # local time, off by the daylight-saving hour east or west of Greenwich).
+    stamp = calendar.timegm(time.strptime(created_at[:19], "%Y-%m-%dT%H:%M:%S"))
     seconds = max(0, time.time() - stamp)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -2480,13 +2500,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     instance = get_instance(args)
-    entries = read_history(instance)
+    entries, unreadable = read_history(instance)
     lines = [f"{e.get('time', '?')}  {e.get('user', '?')}@{e.get('host', '?')}  "
-             f"{e.get('operation', '?'):<8}  {e.get('version_before')} -> {e.get('version_after')}  "
+             f"{str(e.get('operation', '?')):<8}  {e.get('version_before')} -> {e.get('version_after')}  "
              f"{e.get('outcome', '?')}  ({e.get('seconds', 0)}s)"
              + (f"  backup: {e['backup']}" if e.get("backup") else "") for e in entries]
+    if unreadable:
+        lines.append(f"{instance.name}: {len(unreadable)} unreadable line(s) in "
+                     f"{instance.home / 'history.jsonl'} (line {', '.join(map(str, unreadable))}); "
+                     f"a line cut short by a crash or power cut, or edited by hand")
     emit(args, "\n".join(lines) or f"{instance.name}: no history yet",
-         {"name": instance.name, "entries": entries})
+         {"name": instance.name, "entries": entries, "unreadable_lines": unreadable})
     return EXIT_OK
 
 

@@ -7,6 +7,17 @@ Instances are named in instances.ini; see DATABASE_MIGRATION_README.md.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+# Run as a command (this script, or the safe-db-update console script), not imported:
+# Ctrl-C is held back while the modules below load and the arguments are read, and
+# delivered as the command starts (see run()): one line and exit 130, not a traceback.
+if hasattr(signal, "pthread_sigmask") and (
+        __name__ == "__main__" or os.path.basename(sys.argv[0]) == "safe-db-update"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 import argparse
 import configparser
 import contextlib
@@ -16,14 +27,11 @@ import getpass
 import glob
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import sqlite3
 import stat
-import sys
 import threading
 import time
 from contextlib import closing, contextmanager
@@ -435,9 +443,17 @@ def require_database(instance: Instance) -> bytes:
 
 
 def connect(instance: Instance) -> sqlite3.Connection:
-    """A read-write connection in autocommit mode; our own BEGIN/COMMIT only."""
+    """A read-write connection in autocommit mode; our own BEGIN/COMMIT only.
+
+    synchronous=EXTRA: in DELETE journal mode a commit also syncs the folder after the
+    journal is deleted, so a commit we report survives a power cut, and a restore that
+    shrinks the file truncates it only once the journal is gone for good (otherwise a
+    cut could bring the journal back over the truncated file).
+    """
     require_database(instance)
-    return open_path(instance.path, instance.busy_timeout)
+    conn = open_path(instance.path, instance.busy_timeout)
+    conn.execute("PRAGMA synchronous = EXTRA")
+    return conn
 
 
 def open_path(path: Path, timeout: float = 30.0, readonly: bool = False,
@@ -609,8 +625,7 @@ def make_private_folder(instance: Instance, folder: Path) -> None:
         level = instance.backup_dir
         for part in folder.relative_to(instance.backup_dir).parts:
             level = level / part
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(level, 0o700)
+            make_folder(level)
             info = os.lstat(level)
             if stat.S_ISLNK(info.st_mode):
                 raise CommandError(f"{level} is a symbolic link; backups must live in a real folder")
@@ -678,9 +693,19 @@ def make_folders(folder: Path) -> None:
         missing.append(folder)
         folder = folder.parent
     for level in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(level, 0o700)
-            os.chmod(level, 0o700)
+        make_folder(level)
+
+
+def make_folder(level: Path) -> None:
+    """One folder, 0700 whatever the umask, made durable at once; nothing if it exists.
+
+    A new folder survives a power cut only once the folder holding it is synced, so its
+    parent is fsynced before anything can be written into it.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(level, 0o700)
+        os.chmod(level, 0o700)
+        fsync_path(level.parent, directory=True)
 
 
 def open_private(path: Path, flags: int) -> int:
@@ -1329,6 +1354,11 @@ def set_aside_sidecars(instance: Instance, label: str) -> list[Path]:
             target = instance.backup_folder / f"{instance.stem}-{stamp}-{label}.db{suffix}"
             sidecar.replace(target)
             moved.append(target)
+    if moved:
+        # Gone for good before a new file arrives: a journal that a power cut brought
+        # back would be played back into the new file.
+        fsync_path(instance.backup_folder, directory=True)
+        fsync_path(instance.path.parent, directory=True)
     return moved
 
 
@@ -1467,11 +1497,17 @@ def record_history(instance: Instance, entry: dict) -> None:
     """Append one line to <backup_dir>/<name>/history.jsonl; never fails the command."""
     line = {"time": utc_now()[1], "user": current_user(), "host": socket.gethostname(),
             "command": " ".join(INVOCATION or sys.argv), "instance": instance.name, **entry}
+    text = json.dumps(line, sort_keys=True) + "\n"
     try:
         make_private_folder(instance, instance.home)
-        fd = open_private(instance.home / "history.jsonl", os.O_APPEND | os.O_WRONLY)
-        with os.fdopen(fd, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        fd = open_private(instance.home / "history.jsonl", os.O_APPEND | os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                text = "\n" + text     # a torn last line (a power cut): start a fresh one
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
     except (OSError, CommandError) as exc:
         if str(exc) not in str(entry.get("outcome")):   # the command's own error said it
             print(f"{PROG}: warning: history not written: {exc}", file=sys.stderr)
@@ -1527,16 +1563,25 @@ def hold_interrupts(entry: dict) -> None:
         pass
 
 
-def read_history(instance: Instance) -> list[dict]:
+def read_history(instance: Instance) -> tuple[list[dict], list[int]]:
+    """The entries of history.jsonl, and the numbers of the lines that are not one."""
     path = instance.home / "history.jsonl"
     if not path.is_file():
-        return []
-    entries = []
+        return [], []
+    entries, unreadable = [], []
     with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            with contextlib.suppress(ValueError):
-                entries.append(json.loads(line))
-    return entries
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                unreadable.append(number)
+    return entries, unreadable
 
 
 # --- Presentation ------------------------------------------------------------
@@ -1898,7 +1943,8 @@ def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> i
         if not hasattr(args, option):
             setattr(args, option, None if option == "config" else False)
     try:
-        return args.handler(args)
+        with interrupts_delivered():
+            return args.handler(args)
     except CommandError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -1911,6 +1957,24 @@ def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> i
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def interrupts_delivered() -> Iterator[None]:
+    """While the command runs, Ctrl-C raises KeyboardInterrupt, so every operation unwinds
+    (rolls back, removes its partial files, writes its audit line) before run() prints one
+    line. A Ctrl-C held back at start-up (see the top of the module) is raised here,
+    before anything is touched; once the command is over, Ctrl-C is held back again and
+    the command's own exit code stands."""
+    held = hasattr(signal, "pthread_sigmask") and \
+        signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    try:
+        if held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # a held one raises here
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def main(argv: list[str] | None = None) -> int:
