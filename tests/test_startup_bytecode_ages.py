@@ -1,0 +1,251 @@
+"""Three loose ends, from outside: Ctrl-C while a command starts, bytecode beside the
+migrations, and backup ages east of UTC (issue 13); real subprocesses throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unittest
+from pathlib import Path
+
+from tests.support import ROOT, ProjectTestCase, database_migration, query, sha256
+
+SCRIPTS = ("database_migration.py", "safe_db_update.py")
+
+# What pip writes for a console script (pyproject's [project.scripts]).
+CONSOLE_SCRIPT = """# -*- coding: utf-8 -*-
+import re
+import sys
+from database_migration import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+OUR_FRAME = re.compile(r'File "[^"]*?(database_migration|safe_db_update)\.py", line (\d+)')
+
+
+def hold_line(script: str) -> int:
+    """The line where the script holds Ctrl-C back (0 if it does not)."""
+    lines = (ROOT / script).read_text(encoding="utf-8").splitlines()
+    return next((n for n, text in enumerate(lines, 1)
+                 if "pthread_sigmask(signal.SIG_BLOCK" in text), 0)
+
+
+@unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signals only")
+class InterruptAtStartUpTests(ProjectTestCase):
+    """SIGINT sent at growing delays after start, until it lands while the command starts."""
+
+    WANTED = 3                      # landings during start-up per way of starting
+    MOST = 60                       # trials per way of starting, at most
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.database = self.create()
+        self.before = sha256(self.database)
+        shutil.rmtree(self.root / "backups")            # the --create's audit line
+        self.holds = {name: hold_line(f"{name}.py") for name in ("database_migration",
+                                                                 "safe_db_update")}
+
+    def touched(self) -> bool:
+        return (self.root / "backups").exists() or sha256(self.database) != self.before
+
+    def interrupt(self, command: list[str], delay: float) -> tuple[int, str]:
+        # -S: no site import, which on many machines is most of Python's own start-up;
+        # an interrupt there is Python's ('Fatal Python error: init_import_site').
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        process = subprocess.Popen([sys.executable, "-S", *command, "--config", str(self.config),
+                                    "backup", "dev", "-q"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   cwd=self.root, env=env)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        self.assertEqual(out, "")
+        return process.returncode, err
+
+    def landed_before_the_hold(self, err: str) -> bool:
+        """Python's own start-up, or our first lines before Ctrl-C is held back."""
+        return all(int(line) <= self.holds[name] for name, line in OUR_FRAME.findall(err))
+
+    def assertInterruptsEndInOneLine(self, command: list[str], prog: str) -> None:
+        landed, delay = 0, 0.0
+        for _ in range(self.MOST):
+            shutil.rmtree(self.root / "backups", ignore_errors=True)
+            code, err = self.interrupt(command, delay)
+            if code == 130 and err == f"{prog}: interrupted\n":
+                early = not self.touched()              # else: during the command itself
+                landed += early
+                delay = delay + 0.001 if early else delay * 0.7
+            elif code == 0:
+                self.assertEqual(err, "")               # after the command was done
+                self.assertTrue(self.touched())
+                delay *= 0.5
+            else:
+                # Before the script held Ctrl-C back (Python starting, the script's first
+                # lines): killed by the signal before Python could handle it, or Python's
+                # own KeyboardInterrupt (exit 1 in its start-up, else 130 or by signal).
+                self.assertIn(code, (-signal.SIGINT, 1, 130), err)
+                self.assertTrue(self.landed_before_the_hold(err),
+                                f"an interrupt while the command started gave:\n{err}")
+                self.assertFalse(self.touched())
+                delay += 0.003
+            self.assertEqual(sha256(self.database), self.before)
+            if landed >= self.WANTED:
+                return
+        self.fail(f"no interrupt landed while {command} started, in {self.MOST} trials")
+
+    def test_an_interrupt_while_either_script_starts_is_one_line_and_exit_130(self) -> None:
+        for script in SCRIPTS:
+            with self.subTest(script=script):
+                self.assertInterruptsEndInOneLine([str(ROOT / script)], script)
+
+    def test_an_interrupt_while_the_console_script_starts_is_one_line_and_exit_130(self) -> None:
+        wrapper = self.root / "bin" / "database-migration"
+        wrapper.parent.mkdir()
+        wrapper.write_text(CONSOLE_SCRIPT, encoding="utf-8")
+        self.assertInterruptsEndInOneLine([str(wrapper)], "database_migration.py")
+
+    def test_an_interrupt_held_back_at_start_up_is_raised_before_the_command_touches_anything(
+            self) -> None:
+        # The command's own code runs with Ctrl-C delivered: a held one is raised at once.
+        code, out, err = self.run_cli(database_migration, "backup", "dev")
+        self.assertEqual(code, 0, err)
+        shutil.rmtree(self.root / "backups")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self.addCleanup(self.release_interrupts)
+        os.kill(os.getpid(), signal.SIGINT)             # pending, as if sent at start-up
+        code, out, err = self.run_cli(database_migration, "backup", "dev")
+        self.assertEqual((code, out, err), (130, "", "database_migration.py: interrupted\n"))
+        self.assertFalse(self.touched())
+        self.assertIn(signal.SIGINT, signal.pthread_sigmask(signal.SIG_BLOCK, ()),
+                      "held back again once the command is over")
+
+
+    def release_interrupts(self) -> None:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)    # drops one still pending
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+
+
+class BytecodeTests(ProjectTestCase):
+    """Python migrations are loaded without writing bytecode, PYTHONDONTWRITEBYTECODE or not."""
+
+    MIGRATION = '''"""Names in capitals."""
+
+
+def up(conn):
+    conn.execute("UPDATE user SET name = upper(name) WHERE id > 0")
+
+
+def down(conn):
+    conn.execute("UPDATE user SET name = lower(name) WHERE id > 0")
+'''
+
+    def bytecode(self, folder: Path) -> list[Path]:
+        return [p for p in folder.rglob("*") if p.name == "__pycache__" or p.suffix == ".pyc"]
+
+    def test_dry_run_and_migrate_with_a_python_migration_leave_no_bytecode(self) -> None:
+        self.create()
+        self.write_migration("0003_names_in_capitals.py", self.MIGRATION)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+        for argv in (("migrate", "dev", "--dry-run"), ("status",), ("check", "dev"),
+                     ("migrate", "dev")):
+            with self.subTest(argv=argv):
+                result = subprocess.run([sys.executable, str(ROOT / "database_migration.py"),
+                                         "--config", str(self.config), *argv],
+                                        capture_output=True, text=True, env=env, cwd=self.root,
+                                        stdin=subprocess.DEVNULL, timeout=60)
+                self.assertIn(result.returncode, (0, 1), result.stderr)
+                self.assertNoTraceback(result.stderr)
+                self.assertEqual(self.bytecode(self.root), [])
+        self.assertEqual(query(self.db(), "SELECT name FROM user ORDER BY id"), [("ANN",), ("BOB",)])
+        self.assertEqual(query(self.db(), "SELECT MAX(version) FROM schema_migrations"), [(3,)])
+
+    def test_no_bytecode_of_a_migration_goes_to_a_pycache_prefix_either(self) -> None:
+        self.create()
+        self.write_migration("0003_names_in_capitals.py", self.MIGRATION)
+        cache = self.root.parent / f"{self.root.name}-pycache"
+        self.addCleanup(shutil.rmtree, cache, True)
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+               "PYTHONPYCACHEPREFIX": str(cache)}
+        result = subprocess.run([sys.executable, str(ROOT / "database_migration.py"), "--config",
+                                 str(self.config), "migrate", "dev", "--dry-run"],
+                                capture_output=True, text=True, env=env, cwd=self.root,
+                                stdin=subprocess.DEVNULL, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([p for p in cache.rglob("*") if p.name.startswith("0003")], [])
+        self.assertEqual(self.bytecode(self.root), [])
+
+    def test_a_python_migration_saved_with_a_byte_order_mark_loads_as_an_import_would(self) -> None:
+        self.create()
+        path = self.migrations_dir / "0003_names_in_capitals.py"
+        path.write_bytes(b"\xef\xbb\xbf" + self.MIGRATION.encode("utf-8"))
+        code, out, err = self.migrate("dev")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(query(self.db(), "SELECT name FROM user ORDER BY id"), [("ANN",), ("BOB",)])
+
+
+class BackupAgeTimeZoneTests(ProjectTestCase):
+    """status shows the same backup ages whatever TZ says, across a daylight-saving change."""
+
+    ZONES = ("UTC", "Australia/Sydney", "Pacific/Auckland", "America/New_York", "Asia/Kolkata",
+             "America/St_Johns",
+             # The same rules written out, so they hold on a machine without tzdata:
+             "AEST-10AEDT,M10.1.0,M4.1.0/3", "NZST-12NZDT,M9.5.0,M4.1.0/3", "EST5EDT,M3.2.0,M11.1.0")
+
+    def status_ages(self, tz: str) -> dict[str, str]:
+        result = self.run_script("database_migration.py", "status", env={"TZ": tz})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = [line.split() for line in result.stdout.splitlines()[1:]]
+        return {row[0]: " ".join(row[-2:]) for row in rows}
+
+    def backdate(self, name: str, seconds: int) -> None:
+        """Make the instance's only backup `seconds` older (its time is in its file name)."""
+        [backup] = self.backups(name)
+        created = time.gmtime(time.time() - seconds)
+        stamp = time.strftime("%Y%m%dT%H%M%S", created) + "000000Z"
+        older = backup.with_name(f"{name}-{stamp}-manual.db")
+        Path(f"{backup}.json").rename(f"{older}.json")
+        backup.rename(older)
+
+    def dst_started_minutes_ago(self, minutes: int, hours_east: int) -> str:
+        """A POSIX TZ whose daylight-saving time began `minutes` ago (and ends in two days)."""
+        start = time.gmtime(time.time() + hours_east * 3600 - minutes * 60)  # its standard time
+        end_day = (start.tm_yday + 1) % 365
+        return (f"XST{-hours_east}XDT,{start.tm_yday - 1}/{start.tm_hour}:{start.tm_min:02d}:"
+                f"{start.tm_sec:02d},{end_day}/0")
+
+    def assertChangedBetween(self, tz: str, seconds: int) -> None:
+        """tz is in standard time `seconds` ago and in daylight-saving time now."""
+        probe = subprocess.run([sys.executable, "-c", f"import json, time; t = time.time(); "
+                                f"print(json.dumps([time.localtime(t - {seconds}).tm_isdst, "
+                                f"time.localtime(t).tm_isdst]))"], capture_output=True, text=True,
+                               env={**os.environ, "TZ": tz})
+        self.assertEqual(json.loads(probe.stdout), [0, 1], f"{tz}: no change in between")
+
+    def test_a_backup_just_made_and_one_ninety_minutes_old_read_the_same_in_every_zone(self) -> None:
+        for name in ("dev", "prod"):
+            self.create(name)
+            code, _, err = self.run_cli(database_migration, "backup", name)
+            self.assertEqual(code, 0, err)
+        self.backdate("prod", 90 * 60)
+        dst_changes = [self.dst_started_minutes_ago(45, hours) for hours in (10, -10)]
+        for tz in dst_changes:
+            self.assertChangedBetween(tz, 90 * 60)
+        for tz in (*self.ZONES, *dst_changes):
+            with self.subTest(TZ=tz):
+                ages = self.status_ages(tz)
+                self.assertRegex(ages["dev"], r"^\d+s ago$|^1m ago$")
+                self.assertEqual(ages["prod"], "1h ago")
+
+
+if __name__ == "__main__":
+    unittest.main()
