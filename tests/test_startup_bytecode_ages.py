@@ -134,6 +134,50 @@ class InterruptAtStartUpTests(ProjectTestCase):
         signal.signal(signal.SIGINT, previous)
 
 
+@unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signals only")
+class InterruptParallelRunTests(ProjectTestCase):
+    """Ctrl-C on a terminal reaches the whole process group: migrate-all --jobs' workers too."""
+
+    ini = """[DEFAULT]
+busy_timeout = 1
+
+[a]
+path = instance/a.db
+
+[b]
+path = instance/b.db
+"""
+
+    def test_ctrl_c_during_migrate_all_jobs_is_one_line_and_no_worker_traceback(self) -> None:
+        import fcntl
+        lock = self.root / "backups" / "a" / "lock"
+        lock.parent.mkdir(parents=True)
+        with open(lock, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)            # a's worker waits for it; b's finishes
+            process = subprocess.Popen([sys.executable, str(ROOT / "database_migration.py"),
+                                        "--config", str(self.config), "migrate-all", "--create",
+                                        "--jobs", "2", "-q"], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       cwd=self.root, start_new_session=True)
+            deadline = time.monotonic() + 30
+            while not (self.root / "backups" / "b" / "history.jsonl").exists():
+                self.assertLess(time.monotonic(), deadline, "b was never migrated")
+                time.sleep(0.02)
+            time.sleep(0.2)                             # b's worker is idle now
+            os.killpg(process.pid, signal.SIGINT)       # as Ctrl-C on a terminal does
+            try:
+                out, err = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                self.fail("migrate-all --jobs hung after Ctrl-C")
+        self.assertEqual(process.returncode, 130, err)
+        self.assertNoTraceback(err)
+        self.assertEqual(err.splitlines()[-1], "database_migration.py: interrupted")
+        self.assertEqual(query(self.db("b"), "SELECT MAX(version) FROM schema_migrations"), [(2,)])
+        self.assertFalse(self.db("a").exists())
+
+
 class BytecodeTests(ProjectTestCase):
     """Python migrations are loaded without writing bytecode, PYTHONDONTWRITEBYTECODE or not."""
 
