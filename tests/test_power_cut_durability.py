@@ -200,6 +200,33 @@ path = tenants/*.db
         self.assertIsNotNone(calls.synced(self.db().parent, after=unlinked))
         self.assertLess(calls.synced(self.db().parent, after=unlinked), calls.first(writes_stdout))
 
+    def test_a_migration_that_shrinks_the_file_syncs_the_journal_deletion_before_truncating(
+            self) -> None:
+        self.create()
+        with closing(sqlite3.connect(self.db())) as conn:
+            conn.execute("PRAGMA auto_vacuum = FULL")
+            conn.execute("VACUUM")                  # auto_vacuum takes effect on a VACUUM
+            conn.execute("CREATE TABLE filler (text TEXT)")
+            conn.executemany("INSERT INTO filler VALUES (?)", [("x" * 1000,)] * 2000)
+            conn.commit()
+        self.write_migration("0003_drop_filler.sql", "DROP TABLE filler;\n")
+        grown = self.db().stat().st_size
+        calls = self.trace("database_migration.py", "migrate", "dev", "--yes")
+        self.assertLess(self.db().stat().st_size, grown // 10)
+        self.assertEqual(query(self.db(), "SELECT MAX(version) FROM schema_migrations"), [(3,)])
+        self.assertJournalGoneBeforeTruncate(calls)
+
+    def assertJournalGoneBeforeTruncate(self, calls: Calls) -> None:
+        truncated = calls.first(lambda n, a, l: n == "ftruncate" and re.match(
+            rf"\d+<{re.escape(str(self.db()))}>", a))
+        self.assertLess(truncated, len(calls.calls), "the file was never truncated")
+        unlinked = calls.last(unlinks(Path(f"{self.db()}-journal")), before=truncated)
+        self.assertIsNotNone(unlinked, "no journal deleted before the truncate")
+        synced = calls.synced(self.db().parent, after=unlinked)
+        self.assertIsNotNone(synced)
+        self.assertLess(synced, truncated, "the truncate came before the journal's deletion "
+                                           "was durable")
+
     def test_create_in_a_fleet_makes_the_database_folder_and_its_name_durable(self) -> None:
         calls = self.trace("database_migration.py", "migrate", "tenants/acme", "--create")
         backups = self.root / "backups"
@@ -226,15 +253,7 @@ path = tenants/*.db
         self.assertLess(self.db().stat().st_size, grown // 10)
         self.assertEqual(query(self.db(), "PRAGMA integrity_check"), [("ok",)])
         self.assertEqual(query(self.db(), "SELECT COUNT(*) FROM user"), [(2,)])
-        truncated = calls.first(lambda n, a, l: n == "ftruncate" and a.startswith(
-            tuple(f"{fd}<{self.db()}>" for fd in range(3, 100))))
-        self.assertLess(truncated, len(calls.calls), "the restore never truncated the file")
-        unlinked = calls.last(unlinks(Path(f"{self.db()}-journal")), before=truncated)
-        self.assertIsNotNone(unlinked, "no journal deleted before the truncate")
-        synced = calls.synced(self.db().parent, after=unlinked)
-        self.assertIsNotNone(synced)
-        self.assertLess(synced, truncated, "the truncate came before the journal's deletion "
-                                           "was durable")
+        self.assertJournalGoneBeforeTruncate(calls)
 
     def test_replacing_an_unreadable_file_makes_its_old_journal_go_for_good_first(self) -> None:
         self.create()
