@@ -136,6 +136,45 @@ class InterruptAtStartUpTests(ProjectTestCase):
         signal.signal(signal.SIGINT, previous)
 
 
+class InterruptDuringMigrationTests(ProjectTestCase):
+    """A real SIGINT in the middle of a migration's transaction."""
+
+    ini = """[DEFAULT]
+busy_timeout = 2
+
+[a]
+path = instance/a.db
+
+[b]
+path = instance/b.db
+"""
+
+    def test_ctrl_c_mid_transaction_rolls_back_and_stops_migrate_all(self) -> None:
+        for name in ("a", "b"):
+            self.create(name)
+        self.write_migration("0003_interrupted.py", """import os
+import signal
+import time
+
+
+def up(conn):
+    conn.execute("DELETE FROM payment WHERE id > 0")
+    os.kill(os.getpid(), signal.SIGINT)         # Ctrl-C, in the middle of the transaction
+    time.sleep(5)
+""")
+        before = {name: sha256(self.db(name)) for name in ("a", "b")}
+        result = self.run_script("database_migration.py", "migrate-all", "--yes")
+        self.assertEqual(result.returncode, 130, result.stderr)
+        self.assertEqual(result.stderr, "database_migration.py: interrupted\n")
+        self.assertEqual({name: sha256(self.db(name)) for name in ("a", "b")}, before)
+        self.assertEqual(query(self.db("a"), "SELECT COUNT(*) FROM payment"), [(2,)])
+        self.assertEqual(len(self.backups("a")), 1)             # the pre-migrate backup
+        self.assertEqual(self.backups("b"), [])                 # never started
+        history = (self.root / "backups" / "a" / "history.jsonl").read_text(encoding="utf-8")
+        self.assertEqual(json.loads(history.splitlines()[-1])["outcome"],
+                         "failed: KeyboardInterrupt: ")
+
+
 @unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signals only")
 class InterruptParallelRunTests(ProjectTestCase):
     """Ctrl-C on a terminal reaches the whole process group: migrate-all --jobs' workers too."""
