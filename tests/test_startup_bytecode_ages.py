@@ -293,12 +293,15 @@ class BackupAgeTimeZoneTests(ProjectTestCase):
         return {row[0]: " ".join(row[-2:]) for row in rows}
 
     def backdate(self, name: str, seconds: int) -> None:
-        """Make the instance's only backup `seconds` older (its time is in its file name)."""
+        """Make the instance's only backup `seconds` older: its manifest and its file name."""
         [backup] = self.backups(name)
         created = time.gmtime(time.time() - seconds)
         stamp = time.strftime("%Y%m%dT%H%M%S", created) + "000000Z"
+        manifest = json.loads(Path(f"{backup}.json").read_text(encoding="utf-8"))
+        manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", created)
         older = backup.with_name(f"{name}-{stamp}-manual.db")
-        Path(f"{backup}.json").rename(f"{older}.json")
+        Path(f"{older}.json").write_text(json.dumps(manifest), encoding="utf-8")
+        Path(f"{backup}.json").unlink()
         backup.rename(older)
 
     def dst_started_minutes_ago(self, minutes: int, hours_east: int) -> str:
