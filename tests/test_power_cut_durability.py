@@ -188,8 +188,8 @@ path = tenants/*.db
                 self.assertLess(synced, calls.first(creates_journal, after=index))
 
     def test_the_first_migrate_makes_its_backup_folders_durable_before_it_writes(self) -> None:
-        with closing(sqlite3.connect(self.db())) as conn:       # a database older than the tool
-            conn.execute("CREATE TABLE note (id INTEGER PRIMARY KEY, text TEXT)")
+        with closing(sqlite3.connect(self.db())) as conn:       # an empty database, no backups
+            conn.execute("PRAGMA user_version = 7")
         calls = self.trace("database_migration.py", "migrate", "dev")
         backups = self.root / "backups"
         self.assertFoldersDurable(calls, backups, backups / "dev", backups / "dev" / "database")
