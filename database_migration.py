@@ -711,7 +711,7 @@ def read_python_file(path: Path, version: int, description: str) -> Migration:
 def python_outline(text: str) -> tuple[frozenset, bool]:
     """(functions defined at the top level, whether DESTRUCTIVE = True), read with ast."""
     functions, destructive = set(), False
-    for node in ast.parse(text).body:
+    for node in ast.parse(text.encode("utf-8")).body:     # bytes: a BOM reads as on import
         if isinstance(node, ast.FunctionDef):
             functions.add(node.name)
         targets = node.targets if isinstance(node, ast.Assign) else \
@@ -1909,7 +1909,7 @@ def signs_of_a_lost_database(instance: Instance) -> list[str]:
     if backups:
         signs.append(f"{len(backups)} backup(s) in {instance.backup_folder}")
     if any(e.get("outcome") == "ok" or e.get("version_before") is not None
-           for e in read_history(instance)):
+           for e in read_history(instance)[0]):
         signs.append(f"an audit trail in {instance.home / 'history.jsonl'}")
     signs += [f"{instance.path}{suffix} is beside it" for suffix in SIDECARS
               if os.path.lexists(f"{instance.path}{suffix}")]
