@@ -56,7 +56,8 @@ class InterruptAtStartUpTests(ProjectTestCase):
     def touched(self) -> bool:
         return (self.root / "backups").exists() or sha256(self.database) != self.before
 
-    def interrupt(self, command: list[str], delay: float) -> tuple[int, str]:
+    def interrupt(self, command: list[str], delay: float | None) -> tuple[int, str]:
+        """Run the command, with SIGINT sent after delay seconds (None: not sent)."""
         # -S: no site import, which on many machines is most of Python's own start-up;
         # an interrupt there is Python's ('Fatal Python error: init_import_site').
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -64,31 +65,42 @@ class InterruptAtStartUpTests(ProjectTestCase):
                                     "backup", "dev", "-q"], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    cwd=self.root, env=env)
-        time.sleep(delay)
-        process.send_signal(signal.SIGINT)
+        if delay is not None:
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
         self.assertEqual(out, "")
         return process.returncode, err
+
+    def run_time(self, command: list[str]) -> float:
+        """How long the whole command takes here and now, without an interrupt."""
+        shutil.rmtree(self.root / "backups", ignore_errors=True)
+        started = time.monotonic()
+        code, err = self.interrupt(command, None)
+        self.assertEqual((code, err), (0, ""))
+        return time.monotonic() - started
 
     def landed_before_the_hold(self, err: str) -> bool:
         """Python's own start-up, or our first lines before Ctrl-C is held back."""
         return all(int(line) <= self.holds[name] for name, line in OUR_FRAME.findall(err))
 
     def assertInterruptsEndInOneLine(self, command: list[str], prog: str) -> None:
-        landed, delay = 0, 0.0
-        for _ in range(self.MOST):
+        """Delays spread over the whole run (a golden-ratio sweep of its measured length,
+        so it scales with the machine's load) until WANTED land while the command starts."""
+        landed, seen = 0, []
+        for trial in range(self.MOST):
+            if trial % 20 == 0:
+                took = self.run_time(command)
             shutil.rmtree(self.root / "backups", ignore_errors=True)
-            code, err = self.interrupt(command, delay)
+            code, err = self.interrupt(command, took * ((trial * 0.6180339887) % 1.0))
+            seen.append(code)
             if code == 130 and err == f"{prog}: interrupted\n":
-                early = not self.touched()              # else: during the command itself
-                landed += early
-                delay = delay + 0.001 if early else delay * 0.7
+                landed += not self.touched()            # else: during the command itself
             elif code == 0:
                 # The command ran to its end: the signal came after it was done, or Python
                 # swallowed it while starting (printing a traceback of its own, at times).
                 self.assertTrue(self.landed_before_the_hold(err), err)
                 self.assertTrue(self.touched())
-                delay *= 0.5
             else:
                 # Before the script held Ctrl-C back (Python starting, the script's first
                 # lines): killed by the signal before Python could handle it, or Python's
@@ -97,11 +109,11 @@ class InterruptAtStartUpTests(ProjectTestCase):
                 self.assertTrue(self.landed_before_the_hold(err),
                                 f"an interrupt while the command started gave:\n{err}")
                 self.assertFalse(self.touched())
-                delay += 0.003
             self.assertEqual(sha256(self.database), self.before)
             if landed >= self.WANTED:
                 return
-        self.fail(f"no interrupt landed while {command} started, in {self.MOST} trials")
+        self.fail(f"only {landed} interrupt(s) landed while {command} started, in "
+                  f"{self.MOST} trials (exit codes {seen})")
 
     def test_an_interrupt_while_either_script_starts_is_one_line_and_exit_130(self) -> None:
         for script in SCRIPTS:
