@@ -883,9 +883,10 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
 
 # --- Schema comparison (drift) -----------------------------------------------
 
-def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[str, str]:
-    """Normalised sqlite_master: 'table user' -> its columns, other objects -> their SQL."""
-    objects = {}
+def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[str, object]:
+    """Normalised sqlite_master: 'table user' -> {column: (type, NOT NULL, default, primary
+    key)} in the table's order, other objects ('index ix', 'view v', 'trigger t') -> their SQL."""
+    objects: dict[str, object] = {}
     for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS).fetchall():
         key = f"{kind} {name}"
         if only is not None and key not in only:
@@ -893,9 +894,9 @@ def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[st
         if kind == "table":
             quoted = '"' + name.replace('"', '""') + '"'
             columns = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
-            objects[key] = "; ".join(f"{c[1]} {c[2] or ''}{' NOT NULL' if c[3] else ''}"
-                                     f"{'' if c[4] is None else ' DEFAULT ' + str(c[4])}"
-                                     f"{' PK' if c[5] else ''}".strip() for c in columns)
+            objects[key] = {c[1]: ((c[2] or "").upper(), bool(c[3]),
+                                   None if c[4] is None else str(c[4]), int(c[5]))
+                            for c in columns}
         else:
             objects[key] = " ".join((sql or f"(automatic on {table})").split())
     return objects
@@ -970,18 +971,60 @@ def recreate_objects(conn: sqlite3.Connection, objects: list[list]) -> None:
         conn.execute(sql)
 
 
-def compare_schemas(expected: dict[str, str], actual: dict[str, str],
+def compare_schemas(expected: dict[str, object], actual: dict[str, object],
                     here: str = "the database", there: str = "the migrations") -> tuple[str, ...]:
-    """What differs between two normalised schemas, one line per object."""
+    """What differs between two normalised schemas (see schema_of), one line per table,
+    column, index, view or trigger: 'column loan.status: only in the database'."""
     lines = []
     for key in sorted(set(expected) | set(actual)):
         if key not in expected:
             lines.append(f"{key}: only in {here}")
         elif key not in actual:
-            lines.append(f"{key}: missing from {here} (it is in {there})")
+            lines.append(f"{key}: only in {there}")
+        elif isinstance(expected[key], dict) and isinstance(actual[key], dict):
+            lines += compare_columns(key.split(" ", 1)[1], expected[key], actual[key], here, there)
         elif expected[key] != actual[key]:
-            lines.append(f"{key}: differs: {there} has ({expected[key]}); {here} has ({actual[key]})")
+            lines.append(f"{key}: different SQL")
     return tuple(lines)
+
+
+def compare_columns(table: str, expected: dict, actual: dict, here: str, there: str) -> list[str]:
+    """One line per column that differs between two versions of a table."""
+    lines = []
+    for column in list(expected) + [c for c in actual if c not in expected]:
+        where = f"column {table}.{column}"
+        if column not in expected:
+            lines.append(f"{where}: only in {here}")
+        elif column not in actual:
+            lines.append(f"{where}: only in {there}")
+        elif expected[column] != actual[column]:
+            lines.append(f"{where}: " + "; ".join(
+                column_differences(expected[column], actual[column], here, there)))
+    if not lines and list(expected) != list(actual):
+        lines.append(f"table {table}: columns in a different order ({there}: "
+                     f"{', '.join(expected)}; {here}: {', '.join(actual)})")
+    return lines
+
+
+def column_differences(expected: tuple, actual: tuple, here: str, there: str) -> list[str]:
+    """'type REAL in the migrations, INTEGER in the database', and so on for NOT NULL,
+    the default and the primary key."""
+    (kind, not_null, default, key), (kind2, not_null2, default2, key2) = expected, actual
+
+    def say(value, empty: str) -> str:
+        return empty if value in (None, "") else str(value)
+
+    found = []
+    if kind != kind2:
+        found.append(f"type {say(kind, 'none')} in {there}, {say(kind2, 'none')} in {here}")
+    if not_null != not_null2:
+        found.append(f"NOT NULL in {there if not_null else here} only")
+    if default != default2:
+        found.append(f"default {say(default, 'none')} in {there}, {say(default2, 'none')} in {here}")
+    if key != key2:
+        found.append(f"primary key in {there if key else here} only" if not (key and key2)
+                     else f"position {key} in the primary key in {there}, {key2} in {here}")
+    return found
 
 
 def schema_drift(conn: sqlite3.Connection, migrations: list[Migration], applied: list[Applied],
