@@ -23,6 +23,7 @@ import argparse
 import ast
 import calendar
 import contextlib
+import datetime
 import functools
 import hashlib
 import io
@@ -47,10 +48,11 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDE
                             Backup, CommandError, Instance, Table, add_backup_command,
                             add_command, audited, backup_with_retention, confirm, connect,
                             describe_error, describe_table, emit, empty_fleets, find_config,
-                            fsync_path, get_instance, hold_interrupts, instance_lock, integrity_problems,
-                            is_busy, list_backups, load_instances, locked_message, make_folders,
-                            make_private_folder, newest_backup_time, open_private, open_readonly,
-                            read_config, read_history,
+                            backup_time, fsync_path, get_instance, hold_interrupts,
+                            instance_lock, integrity_problems, is_busy, list_backups,
+                            load_instances, locked_message, make_folders,
+                            make_private_folder, newest_verified, open_private,
+                            open_readonly, read_config, read_history,
                             require_database, resolve, root_parser, run, select_instances,
                             set_aside_sidecars)
 
@@ -90,6 +92,26 @@ DROPS_TABLE = re.compile(rf"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:{SQL_NAME}\s*\
 DELETES_FROM = re.compile(rf"^(?:WITH\b.*?\b)?DELETE\s+FROM\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})")
 RENAMES_TABLE = re.compile(rf"^ALTER\s+TABLE\s+(?:{SQL_NAME}\s*\.\s*)?(?P<name>{SQL_NAME})"
                            rf"\s+RENAME\s+TO\s+(?P<new>{SQL_NAME})")
+DURATION = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>[smhd])")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+STATES = ("error", "missing", "ahead", "modified", "drift", "untracked", "pending", "up to date")
+# status --prometheus: node_exporter's textfile format, one gauge family per line here.
+METRICS = (
+    ("current_version", "Highest migration version applied to the database (absent when it "
+                        "cannot be read or does not exist)."),
+    ("latest_version", "Highest version in the instance's migration list."),
+    ("pending_migrations", "Migrations that migrate would apply now."),
+    ("state", "The instance's state as status shows it: 1 for its state, 0 for the others."),
+    ("last_backup_timestamp_seconds", "When the newest verified backup was made (Unix time); "
+                                      "0 when there is none."),
+    ("last_backup_age_seconds", "Age of the newest verified backup when this was written "
+                                "(absent when there is none)."),
+    ("last_backup_size_bytes", "Size of the newest verified backup (absent when there is none)."),
+    ("last_run_success", "1 when the instance's last write command (the last line of its audit "
+                         "trail) succeeded, 0 when it failed (absent without an audit trail)."),
+    ("last_run_timestamp_seconds", "When the instance's last write command ended (Unix time; "
+                                   "absent without an audit trail)."),
+)
 WORKER_STOP_SECONDS = 10.0          # how long stopping --jobs workers may take before SIGKILL
 # sqlite3_complete's state machine (SQLite's complete.c), so that splitting is linear:
 # a row per state, a column per token. White space and comments leave the state as it is.
@@ -2054,6 +2076,74 @@ def status_as_json(state: State, last_backup: str | None) -> dict:
             **({"same_file_as": same} if same else {})}
 
 
+def format_duration(seconds: float) -> str:
+    """26h, 90m, 2d: the largest unit that says it whole (as --max-backup-age takes it)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_stale(state: State, newest: Backup | None, limit: float) -> str:
+    """One line: which instance has no verified backup as recent as --max-backup-age."""
+    name = state.instance.name
+    found = (f"the newest verified one is from {newest.created_at} ({age(newest.created_at)})"
+             if newest else "it has none")
+    return (f"{name}: no verified backup in the last {format_duration(limit)}: {found}; is the "
+            f"nightly backup running? see 'safe_db_update.py list-backups {name}' and make one "
+            f"with 'safe_db_update.py backup {name}'")
+
+
+def prometheus_text(rows: list[tuple[State, Backup | None, dict | None]], now: float) -> str:
+    """The textfile collector's format: HELP and TYPE, then one sample per instance."""
+    samples: dict[str, list[tuple[dict, float]]] = {name: [] for name, _ in METRICS}
+    for state, newest, last_run in rows:
+        label = {"instance": state.instance.name}
+        if state.current_version is not None:
+            samples["current_version"].append((label, state.current_version))
+        samples["latest_version"].append((label, state.latest_version))
+        samples["pending_migrations"].append((label, len(state.pending)))
+        samples["state"] += [({**label, "state": word}, int(word == state.state)) for word in STATES]
+        made = backup_time(newest) if newest else None
+        samples["last_backup_timestamp_seconds"].append((label, made.timestamp() if made else 0))
+        if made:
+            samples["last_backup_age_seconds"].append((label, max(0.0, now - made.timestamp())))
+            samples["last_backup_size_bytes"].append((label, newest.size))
+        ended = iso_seconds(str(last_run.get("time", ""))) if last_run else None
+        if ended is not None:
+            run_label = {**label, "operation": str(last_run.get("operation", ""))}
+            samples["last_run_success"].append((run_label, int(last_run.get("outcome") == "ok")))
+            samples["last_run_timestamp_seconds"].append((run_label, ended))
+    lines = []
+    for name, help_text in METRICS:
+        lines += [f"# HELP sqlite_migration_{name} {help_text}",
+                  f"# TYPE sqlite_migration_{name} gauge"]
+        lines += [f"sqlite_migration_{name}{{{prometheus_labels(labels)}}} {prometheus_value(value)}"
+                  for labels, value in samples[name]]
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_labels(labels: dict) -> str:
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return ",".join(f'{key}="{escape(str(value))}"' for key, value in labels.items())
+
+
+def prometheus_value(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def iso_seconds(text: str) -> float | None:
+    """'2026-11-23T02:00:00.123456Z' as Unix time; None when it is not such a time."""
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
 def format_empty_fleets(fleets: list[tuple[str, Path]]) -> list[str]:
     return [f"{name}: a fleet with no members: no file matches {pattern}" for name, pattern in fleets]
 
@@ -2217,16 +2307,71 @@ def chosen_instances(args: argparse.Namespace, name: str | None) -> list[Instanc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = []
+    if args.prometheus == "-" and args.json:
+        raise CommandError("--prometheus - and --json both write stdout; choose one, or give "
+                           "--prometheus a FILE", EXIT_USAGE)
+    rows, now = [], time.time()
     for instance in chosen_instances(args, args.name):
         state = inspect(instance, all_migrations(instance))
-        rows.append((state, newest_backup_time(instance)))
+        rows.append((state, newest_verified(list_backups(instance))))
     fleets = [(name, pattern) for name, pattern in empty_fleets(find_config(args.config))
               if args.name in (None, name)]
-    emit(args, format_status(rows, fleets),
-         {"instances": [status_as_json(s, last) for s, last in rows],
-          "empty_fleets": [{"name": name, "path": str(pattern)} for name, pattern in fleets]})
-    return EXIT_FAILED if any(s.error for s, _ in rows) else EXIT_OK
+    stale = [] if args.max_backup_age is None else \
+        [(s, newest) for s, newest in rows if backup_too_old(s, newest, args.max_backup_age, now)]
+    data = {"instances": [status_as_json(s, newest.created_at if newest else None)
+                          for s, newest in rows],
+            "empty_fleets": [{"name": name, "path": str(pattern)} for name, pattern in fleets]}
+    if args.max_backup_age is not None:
+        data.update(max_backup_age_seconds=args.max_backup_age,
+                    stale_backups=[s.instance.name for s, _ in stale])
+    if args.prometheus:
+        metrics = prometheus_text([(s, newest, last_history_entry(s.instance))
+                                   for s, newest in rows], now)
+        if args.prometheus == "-":
+            sys.stdout.write(metrics)
+        else:
+            write_atomically(Path(args.prometheus), metrics)
+    if args.prometheus != "-":
+        emit(args, format_status([(s, newest.created_at if newest else None) for s, newest in rows],
+                                 fleets), data)
+    for state, newest in stale:
+        print(f"{PROG}: error: {format_stale(state, newest, args.max_backup_age)}", file=sys.stderr)
+    return EXIT_FAILED if stale or any(s.error for s, _ in rows) else EXIT_OK
+
+
+def backup_too_old(state: State, newest: Backup | None, limit: float, now: float) -> bool:
+    """--max-backup-age: no verified backup made within limit seconds of now. A database
+    that was never made (no file, and no sign that it had one) has nothing to back up."""
+    if not state.exists and not signs_of_a_lost_database(state.instance):
+        return False
+    made = backup_time(newest) if newest else None
+    return made is None or now - made.timestamp() > limit
+
+
+def last_history_entry(instance: Instance) -> dict | None:
+    entries, _ = read_history(instance)     # unreadable lines (a torn last one) are skipped
+    return entries[-1] if entries else None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file that readers see whole or not at all: a temporary file beside it, synced,
+    then renamed over it. Mode 0644: node_exporter runs as a user of its own."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
+        try:
+            os.fchmod(fd, 0o644)
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise CommandError(f"cannot write {path}: {describe_error(exc)}; the previous file, if "
+                           f"any, is unchanged") from exc
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -2565,6 +2710,16 @@ def version_number(text: str) -> int:
     return int(text)
 
 
+def duration(text: str) -> float:
+    """--max-backup-age: a number and a unit, s, m, h or d (26h); in seconds."""
+    match = DURATION.fullmatch(text.strip())
+    if not match or float(match["number"]) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an age such as 26h (a number and "
+                                         f"a unit: s, m, h or d)")
+    seconds = float(match["number"]) * UNIT_SECONDS[match["unit"]]
+    return int(seconds) if seconds.is_integer() else seconds
+
+
 def positive_number(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a positive number")
@@ -2597,6 +2752,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser, commands = root_parser(PROG, __doc__)
     status = add_command(commands, "status", cmd_status, "every instance's version and state")
     status.add_argument("name", metavar="NAME", nargs="?", help="one instance or fleet only")
+    status.add_argument("--max-backup-age", type=duration, metavar="AGE",
+                        help="exit 1, naming them, when instances have no verified backup "
+                             "this recent (26h, 90m, 7d; units s, m, h, d)")
+    status.add_argument("--prometheus", metavar="FILE",
+                        help="also write the metrics in node_exporter's textfile format to "
+                             "FILE, atomically ('-': to stdout, instead of the table)")
     add_command(commands, "check", cmd_check,
                 "applied and pending migrations of one instance, and problems"
                 ).add_argument("name", metavar="NAME")

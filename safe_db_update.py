@@ -58,7 +58,11 @@ DEFAULTS = {"backup_dir": "backups", "migrations_dir": "migrations",
 KNOWN_KEYS = {"path", "protected", "backup_dir", "migrations_dir", "keep_backups", "busy_timeout",
               "keep_daily", "keep_weekly", "keep_monthly"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-REASONS = ("manual", "pre-migrate", "pre-restore", "pre-rollback")
+# Why a backup was made, in its file name and manifest. `backup --reason` takes one the
+# operator chooses (cron: nightly); the others are the tool's own, taken before a change.
+OPERATOR_REASONS = ("manual", "hourly", "nightly", "weekly", "monthly", "pre-deploy")
+TOOL_REASONS = ("pre-migrate", "pre-restore", "pre-rollback")
+REASONS = OPERATOR_REASONS + TOOL_REASONS
 SQLITE_HEADER = b"SQLite format 3\x00"
 SIDECARS = ("-journal", "-wal", "-shm")     # files SQLite keeps beside a database
 # What SQLite says, inside "malformed database schema (NAME) - ...", when it cannot parse
@@ -1743,7 +1747,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             failed += 1
     for instance in chosen:
         try:
-            backup, removed = locked_backup(instance, progress)
+            backup, removed = locked_backup(instance, progress, args.reason)
         except CommandError as exc:
             if len(chosen) == 1:
                 raise
@@ -1764,11 +1768,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def locked_backup(instance: Instance, progress: bool = False) -> tuple[Backup, list[Backup]]:
+def locked_backup(instance: Instance, progress: bool = False,
+                  reason: str = "manual") -> tuple[Backup, list[Backup]]:
     """The backup command for one instance: lock, back up, retention, audit line."""
     with audited(instance, "backup") as entry, instance_lock(instance, "backup"):
         require_database(instance)
-        backup, removed = backup_with_retention(instance, "manual", progress)
+        backup, removed = backup_with_retention(instance, reason, progress)
         entry.update(backup=str(backup.path), version_before=backup.schema_version,
                      version_after=backup.schema_version, removed=[str(b.path) for b in removed])
         if not backup.verified:
@@ -1907,6 +1912,9 @@ def add_backup_command(commands) -> None:
                                                          "a fleet, or all")
     backup.add_argument("name", metavar="NAME", nargs="?")
     backup.add_argument("--all", action="store_true", help="every instance, in file order")
+    backup.add_argument("--reason", choices=OPERATOR_REASONS, default="manual",
+                        help="why, in the file name and manifest (default: manual; cron: "
+                             "nightly)")
 
 
 def build_parser() -> argparse.ArgumentParser:
