@@ -45,16 +45,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDECARS, VERSION,
-                            Backup, CommandError, Instance, Table, add_backup_command,
+                            Backup, CommandError, Instance, Progress, Table, add_backup_command,
                             add_command, audited, backup_with_retention, confirm, connect,
                             describe_error, describe_table, emit, empty_fleets, find_config,
                             backup_time, fsync_path, get_instance, hold_interrupts,
                             instance_lock, integrity_problems, is_busy, list_backups,
                             load_instances, locked_message, make_folders,
                             make_private_folder, newest_verified, open_private,
-                            open_readonly, read_config, read_history,
+                            open_readonly, progress_line, read_config, read_history,
                             require_database, resolve, root_parser, run, select_instances,
-                            set_aside_sidecars)
+                            set_aside_sidecars, shows_progress)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -1262,13 +1262,17 @@ class MigrationConnection:
 def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
                    backup_note: str = "", record: bool = False,
                    ledger: RowLedger | None = None,
-                   schema_records: dict[int, dict] | None = None) -> list[int]:
+                   schema_records: dict[int, dict] | None = None,
+                   progress: Progress | None = None) -> list[int]:
     """Run the up (or down) parts inside the caller's transaction; schema_records, when
     given, receives what each Python up() left the schema as (see schema_record)."""
     done = []
     ledger = ledger or RowLedger()
     for migration in migrations:
         started = time.perf_counter()
+        if progress is not None:
+            progress.step(f"{'applying' if direction == 'up' else 'undoing'} {migration.label}",
+                          keep=True)
         if migration.python:
             with ledger.watch_python(conn, migration):
                 run_python(conn, migration, direction, backup_note)
@@ -1489,15 +1493,17 @@ def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -
 
 def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
                backup_note: str = "", expected: dict[str, str] | None = None,
-               audit: dict | None = None) -> list[int]:
+               audit: dict | None = None, progress: Progress | None = None) -> list[int]:
     """All of the plan in one transaction, checked before COMMIT; nothing on failure.
 
     audit: the audit entry of a real run (not a rehearsal): Ctrl-C after COMMIT is held
-    until it is written, and Python migrations' schema records are kept.
+    until it is written, and Python migrations' schema records are kept. progress: what
+    a terminal is shown.
     """
     name = plan.instance.name
+    progress = progress or Progress(name, False)
     try:
-        return apply_in_transaction(conn, plan, migrations, backup_note, expected, audit)
+        return apply_in_transaction(conn, plan, migrations, backup_note, expected, audit, progress)
     except sqlite3.Error as exc:       # BEGIN or COMMIT kept waiting, the disk, the tracking table
         if is_busy(exc):
             raise CommandError(f"{locked_message(plan.instance)}{backup_note}") from exc
@@ -1511,17 +1517,20 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration]
 
 def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
                          backup_note: str, expected: dict[str, str] | None,
-                         audit: dict | None) -> list[int]:
+                         audit: dict | None, progress: Progress) -> list[int]:
     schema_records: dict[int, dict] = {}
+    progress.step("waiting for the write lock")
     with migration_transaction(conn, audit):
         if tuple(a.version for a in read_applied(conn)) != plan.applied:
             raise CommandError(f"{plan.instance.name}: changed by someone else since the plan was "
                                f"made; nothing done; run the command again")
+        progress.step("counting rows (for the lost-row guard)")
         before = row_counts(conn)
         ensure_tracking_table(conn, migrations)
         ledger = RowLedger(plan)
         done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True,
-                              ledger=ledger, schema_records=schema_records)
+                              ledger=ledger, schema_records=schema_records, progress=progress)
+        progress.step("checking foreign keys and row counts, then committing")
         check_before_commit(conn, plan, before, backup_note, ledger)
         if expected is not None:
             differences = compare_schemas(expected, schema_of(conn))
@@ -1557,8 +1566,9 @@ def table_shapes(conn: sqlite3.Connection) -> dict[str, Table]:
     return {name: describe_table(conn, name) for (name,) in conn.execute(USER_TABLES).fetchall()}
 
 
-def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
+def rehearse(plan: Plan, migrations: list[Migration], progress: Progress | None = None) -> Rehearsal:
     """Run the plan on a copy in the system's temporary folder; the instance is untouched."""
+    progress = progress or Progress(plan.instance.name, False)
     started = time.perf_counter()
     try:
         scratch = tempfile.mkdtemp(prefix="db-migration-dry-run-")
@@ -1569,14 +1579,17 @@ def rehearse(plan: Plan, migrations: list[Migration]) -> Rehearsal:
         with closing(sqlite3.connect(copy_path, isolation_level=None)) as copy:
             try:
                 if plan.instance.path.exists():
-                    with closing(open_readonly(plan.instance)) as source:
+                    progress.done()
+                    with closing(open_readonly(plan.instance)) as source, \
+                            progress_line(plan.instance, copy_path, progress.enabled,
+                                          "dry run: copying to a temporary folder", "copied"):
                         source.backup(copy)
                 copy.execute("PRAGMA journal_mode = DELETE")
             except (sqlite3.Error, OSError) as exc:
                 raise CommandError(no_room_to_rehearse(plan.instance, scratch, exc)) from exc
             before = table_shapes(copy)
             try:
-                apply_plan(copy, plan, migrations)
+                apply_plan(copy, plan, migrations, progress=progress)
             except CommandError as exc:
                 return Rehearsal(ok=False, error=str(exc).replace(", nothing changed", ""),
                                  seconds=time.perf_counter() - started)
@@ -1914,16 +1927,28 @@ def migrate_instance(args: argparse.Namespace, instance: Instance,
 
 
 def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> Outcome:
+    progress = Progress(f"{instance.name}: dry run" if args.dry_run else instance.name,
+                        shows_progress(args))
+    try:
+        return migrate_with_progress(args, instance, entry, progress)
+    finally:
+        progress.close()
+
+
+def migrate_with_progress(args: argparse.Namespace, instance: Instance, entry: dict,
+                          progress: Progress) -> Outcome:
     migrations = all_migrations(instance)
     started = time.perf_counter()
     missing = not instance.path.exists()
     refuse_missing(args, instance, entry)
+    progress.step("checking the database (quick_check)")
     state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
     refuse_unsafe(state)
     plan = plan_migrate(state, args.to, create=missing, allow_row_loss=tuple(args.allow_row_loss))
     entry.update(version_before=state.current_version, version_after=state.current_version)
+    progress.done()
     if args.dry_run:
-        rehearsal = rehearse(plan, migrations) if plan.migrations else None
+        rehearsal = rehearse(plan, migrations, progress) if plan.migrations else None
         return Outcome(plan, tuple(m.version for m in plan.migrations), None,
                        time.perf_counter() - started, dry_run=True, rehearsal=rehearsal)
     if not plan.migrations:
@@ -1931,7 +1956,7 @@ def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> 
     if plan.destructive:
         confirm_destructive(args, plan)
     with instance_lock(instance, "migrate"):
-        backup, applied = locked_migrate(instance, migrations, plan, entry)
+        backup, applied = locked_migrate(instance, migrations, plan, entry, progress)
     return Outcome(plan, tuple(applied), backup, time.perf_counter() - started)
 
 
@@ -1982,24 +2007,25 @@ def signs_of_a_lost_database(instance: Instance) -> list[str]:
 
 
 def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
-                   entry: dict) -> tuple[Backup | None, list[int]]:
+                   entry: dict, progress: Progress) -> tuple[Backup | None, list[int]]:
     if plan.create:
-        applied = create_database(instance, migrations, plan, entry)
+        applied = create_database(instance, migrations, plan, entry, progress)
         entry["version_after"] = plan.to_version
         return None, applied
-    backup, _ = backup_with_retention(instance, "pre-migrate")
+    backup, _ = backup_with_retention(instance, "pre-migrate", progress)
     entry["backup"] = str(backup.path)
     if not backup.verified:
         raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
                            f"check ({backup.path}); nothing changed")
     with closing(connect(instance)) as conn:
-        applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry)
+        applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry,
+                             progress=progress)
     entry["version_after"] = plan.to_version
     return backup, applied
 
 
 def create_database(instance: Instance, migrations: list[Migration], plan: Plan,
-                    entry: dict) -> list[int]:
+                    entry: dict, progress: Progress) -> list[int]:
     """--create: build the new database under a hidden name, then link it into place.
 
     A failed run leaves no file at the instance's path (only its hidden draft is
@@ -2014,7 +2040,7 @@ def create_database(instance: Instance, migrations: list[Migration], plan: Plan,
         remove_killed_drafts(path)
         os.close(os.open(draft, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # private
         with closing(sqlite3.connect(draft, isolation_level=None)) as conn:
-            applied = apply_plan(conn, plan, migrations, audit=entry)
+            applied = apply_plan(conn, plan, migrations, audit=entry, progress=progress)
         if entry.get("new_empty_database"):
             entry["set_aside"] = [str(p) for p in set_aside_sidecars(instance, "orphaned")]
         os.link(draft, path)            # fails, rather than replace, if the path appeared

@@ -791,13 +791,14 @@ def human_size(size: int) -> str:
 
 # --- Backups -----------------------------------------------------------------
 
-def create_backup(instance: Instance, reason: str = "manual", progress: bool = False,
+def create_backup(instance: Instance, reason: str = "manual", progress: Progress | None = None,
                   copy: Callable[[Instance, Path], None] | None = None) -> Backup:
     """Copy the live database into a verified, checksummed backup file.
 
     The copy is written to a hidden temporary name and only renamed into place,
     beside its manifest, once it is complete and synced; a crash leaves nothing
     that looks like a backup. copy: how to take it (default copy_database).
+    progress: shows the copy and its verification on a terminal.
     """
     if not instance.path.is_file():
         raise CommandError(f"{instance.name}: no database at {instance.path}")
@@ -808,8 +809,10 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
     final = unique_backup_path(folder, instance.stem, reason)
     partial = folder / f".{final.name}.partial"
     try:
-        with progress_line(instance, partial, progress):
+        with progress_line(instance, partial, progress is not None and progress.enabled):
             (copy or copy_database)(instance, partial)
+        if progress is not None:
+            progress.step("verifying the backup (integrity_check, SHA-256)")
         backup = describe_copy(instance, partial, final, reason)
         write_manifest(backup, partial)
         fsync_path(folder, directory=True)
@@ -823,6 +826,9 @@ def create_backup(instance: Instance, reason: str = "manual", progress: bool = F
     except BaseException:
         discard(partial, Path(f"{final}.json.partial"))
         raise
+    finally:
+        if progress is not None:
+            progress.done()
     return replace(backup, seconds=time.perf_counter() - started)
 
 
@@ -927,7 +933,8 @@ def copy_pages(source: sqlite3.Connection, partial: Path, timeout: float) -> Non
 
 
 @contextmanager
-def progress_line(instance: Instance, partial: Path, enabled: bool) -> Iterator[None]:
+def progress_line(instance: Instance, partial: Path, enabled: bool, label: str = "backing up",
+                  after: str = "copied; verifying") -> Iterator[None]:
     """On a terminal, once a copy takes a while, show how much of it is written."""
     if not enabled:
         yield
@@ -941,10 +948,9 @@ def progress_line(instance: Instance, partial: Path, enabled: bool) -> Iterator[
         while not finished.wait(0.25):
             with contextlib.suppress(OSError):
                 done = partial.stat().st_size
-                print(f"\r{instance.name}: backing up: {human_size(done)} of {human_size(total)} "
+                print(f"\r{instance.name}: {label}: {human_size(done)} of {human_size(total)} "
                       f"({min(100, 100 * done // total)}%)", end="", file=sys.stderr, flush=True)
-        print(f"\r{instance.name}: backing up: copied; verifying{' ' * 30}", file=sys.stderr,
-              flush=True)
+        print(f"\r{instance.name}: {label}: {after}{' ' * 30}", file=sys.stderr, flush=True)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -953,6 +959,75 @@ def progress_line(instance: Instance, partial: Path, enabled: bool) -> Iterator[
     finally:
         finished.set()
         watcher.join()
+
+
+class Progress:
+    """What a long command is doing, on stderr, for someone at a terminal (shows_progress).
+
+    Silent for the first PROGRESS_AFTER_SECONDS of the command; from then on each step is
+    shown as it starts, its elapsed time updated in place ('dev: applying 0004 add index
+    (12.3 s so far)'). When the next step starts or the command ends, a step is left on a
+    line of its own with the time it took; a step that is not kept (housekeeping between
+    migrations) only when it took a second or more, else it is wiped. Disabled: nothing.
+    """
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled = name, enabled
+        self.started = time.monotonic()
+        self.text, self.since, self.width, self.keep = "", 0.0, 0, True
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.ticker: threading.Thread | None = None
+
+    def step(self, text: str, keep: bool = False) -> None:
+        """A new step begins (the one before it has ended); keep: always leave its line."""
+        if not self.enabled:
+            return
+        with self.lock:
+            self.show(final=True)
+            self.text, self.since, self.keep = text, time.monotonic(), keep
+            self.show()
+        if self.ticker is None:
+            self.ticker = threading.Thread(target=self.tick, daemon=True)
+            self.ticker.start()
+
+    def tick(self) -> None:
+        while not self.finished.wait(0.25):
+            with self.lock:
+                self.show()
+
+    def show(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.text or now - self.started < PROGRESS_AFTER_SECONDS:
+            return
+        if final and not self.keep and now - self.since < 1.0:
+            if self.width:                  # wipe it: the next line takes its place
+                print("\r" + " " * self.width + "\r", end="", file=sys.stderr, flush=True)
+            self.width = 0
+            return
+        elapsed = f"took {now - self.since:.1f} s" if final else f"{now - self.since:.1f} s so far"
+        line = f"{self.name}: {self.text} ({elapsed})"
+        print("\r" + line.ljust(self.width), end="\n" if final else "", file=sys.stderr, flush=True)
+        self.width = 0 if final else len(line)
+
+    def done(self) -> None:
+        """The step under way has ended; nothing is shown until the next one (a prompt, or
+        the backup's own progress, may follow)."""
+        with self.lock:
+            self.show(final=True)
+            self.text = ""
+
+    def close(self) -> None:
+        """The command ends: the last step's line is finished."""
+        self.finished.set()
+        if self.ticker is not None:
+            self.ticker.join()
+        self.done()
+
+
+def shows_progress(args: argparse.Namespace) -> bool:
+    """Progress goes to stderr when it is a terminal, never under --quiet or --json."""
+    return bool(sys.stderr and sys.stderr.isatty()) and not args.quiet and not args.json
 
 
 def copy_raw(instance: Instance, partial: Path) -> None:
@@ -1454,7 +1529,8 @@ def remove_backups(backups: list[Backup]) -> None:
             raise CommandError(f"cannot remove {backup.path}: {exc.strerror}") from exc
 
 
-def backup_with_retention(instance: Instance, reason: str, progress: bool = False) -> tuple[Backup, list[Backup]]:
+def backup_with_retention(instance: Instance, reason: str,
+                          progress: Progress | None = None) -> tuple[Backup, list[Backup]]:
     backup = create_backup(instance, reason, progress)
     removed = prune_backups(instance, spare=backup.path)
     remove_backups(removed)
@@ -1738,7 +1814,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.all == bool(args.name):
         raise CommandError("backup needs NAME or --all (not both)", EXIT_USAGE)
     chosen = instances if args.all else select_instances(instances, args.name, config)
-    progress = sys.stderr.isatty() and not args.quiet and not args.json
     results, failed = [], 0
     for name, pattern in empty_fleets(config):
         if args.all or args.name == name:       # nothing to back up is never silent
@@ -1747,7 +1822,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
             failed += 1
     for instance in chosen:
         try:
-            backup, removed = locked_backup(instance, progress, args.reason)
+            progress = Progress(instance.name, shows_progress(args))
+            try:
+                backup, removed = locked_backup(instance, progress, args.reason)
+            finally:
+                progress.close()
         except CommandError as exc:
             if len(chosen) == 1:
                 raise
@@ -1768,7 +1847,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def locked_backup(instance: Instance, progress: bool = False,
+def locked_backup(instance: Instance, progress: Progress | None = None,
                   reason: str = "manual") -> tuple[Backup, list[Backup]]:
     """The backup command for one instance: lock, back up, retention, audit line."""
     with audited(instance, "backup") as entry, instance_lock(instance, "backup"):
