@@ -2354,7 +2354,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         metrics = prometheus_text([(s, newest, last_history_entry(s.instance))
                                    for s, newest in rows], now)
         if args.prometheus == "-":
-            sys.stdout.write(metrics)
+            emit(args, metrics.rstrip("\n"), {})
         else:
             write_atomically(Path(args.prometheus), metrics)
     if args.prometheus != "-":
