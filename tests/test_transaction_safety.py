@@ -359,7 +359,7 @@ class ReadOnlyTests(SafetyTestCase):
         result = self.script("check", "dev")
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertIn("drift: index ix_hand: only in the database", result.stdout)
-        self.assertIn("drift: table loan: differs", result.stdout)
+        self.assertIn("drift: column loan.by_hand: only in the database", result.stdout)
         status = json.loads(self.script("status", "--json").stdout)["instances"]
         self.assertEqual([i["state"] for i in status if i["name"] == "dev"], ["drift"])
         self.assertEqual(self.imports(), seen)
@@ -411,7 +411,7 @@ class ReadOnlyTests(SafetyTestCase):
         self.execute("DROP TABLE note", "CREATE TABLE note (id INTEGER PRIMARY KEY)")
         result = self.script("check", "dev")
         self.assertEqual(result.returncode, 1)
-        self.assertIn("drift: table note: differs", result.stdout)
+        self.assertIn("drift: column note.text: only in the migrations", result.stdout)
 
 
 if __name__ == "__main__":
