@@ -44,17 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, SIDECARS, VERSION,
+from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERSION,
                             Backup, CommandError, Instance, Progress, Table, add_backup_command,
-                            add_command, audited, backup_with_retention, confirm, connect,
-                            describe_error, describe_table, emit, empty_fleets, find_config,
-                            backup_time, fsync_path, get_instance, hold_interrupts,
+                            add_command, audited, backup_time, backup_with_retention, confirm,
+                            connect, describe_error, describe_table, emergency_step, emit,
+                            empty_fleets, find_config, fsync_path, get_instance, hold_interrupts,
                             instance_lock, integrity_problems, is_busy, list_backups,
-                            load_instances, locked_message, make_folders,
-                            make_private_folder, newest_verified, open_private,
-                            open_readonly, progress_line, read_config, read_history,
-                            require_database, resolve, root_parser, run, select_instances,
-                            set_aside_sidecars, shows_progress)
+                            load_instances, locked_message, make_folders, make_private_folder,
+                            missing_database, newest_verified, open_private, open_readonly,
+                            program, progress_line, read_config, read_history, require_database,
+                            resolve, root_parser, run, select_instances, set_aside_sidecars,
+                            shows_progress, signs_of_a_lost_database, started_as, tool_command)
 
 # --- Constants ---------------------------------------------------------------
 
@@ -332,8 +332,13 @@ class State:
     runner: Runner | None = None        # the other runner that built it, when that is why
 
     @property
+    def damage(self) -> str:
+        """The first failed quick_check ('' when none failed or none ran)."""
+        return next((p for p in self.problems if p.startswith("quick_check")), "")
+
+    @property
     def state(self) -> str:
-        for word, present in (("error", self.error), ("missing", not self.exists),
+        for word, present in (("error", self.error or self.damage), ("missing", not self.exists),
                               ("ahead", self.unknown), ("modified", self.modified),
                               ("drift", self.drift), ("untracked", self.untracked),
                               ("pending", self.pending)):
@@ -724,7 +729,9 @@ def read_python_file(path: Path, version: int, description: str) -> Migration:
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         raise CommandError(f"{path}: cannot load: {type(exc).__name__}: {exc}", EXIT_USAGE) from exc
     if "up" not in functions:
-        raise CommandError(f"{path}: a Python migration defines up(conn)", EXIT_USAGE)
+        raise CommandError(f"{path}: no up(conn) function yet: write 'def up(conn):' doing the "
+                           f"data change with conn.execute(sql, parameters) (the commented example "
+                           f"in the file shows one); until then every command refuses it", EXIT_USAGE)
     return Migration(version=version, description=description, up=(), source=str(path),
                      python=text, declared_destructive=destructive)
 
@@ -1109,7 +1116,7 @@ def keep_schema_records(instance: Instance, records: dict[int, dict]) -> None:
                 os.fsync(handle.fileno())
             os.replace(temporary, folder / f"{version}.json")
         except (OSError, CommandError) as exc:
-            print(f"{PROG}: warning: no schema record for migration {version} ({exc}); drift "
+            print(f"{program()}: warning: no schema record for migration {version} ({exc}); drift "
                   f"is not checked past it", file=sys.stderr)
 
 
@@ -1154,8 +1161,8 @@ def refuse_unsafe(state: State) -> None:
                            f"have (migrated by newer code?); nothing changed")
     failed = [p for p in state.problems if p.startswith("quick_check")]
     if failed:
-        raise CommandError(f"{name}: {failed[0]}; the database is damaged: see the emergency "
-                           f"procedures in the manual; nothing changed")
+        raise CommandError(f"{name}: {one_line(failed[0])}; the database is damaged; nothing "
+                           f"changed; {emergency_step(state.instance)}")
     if state.untracked:
         raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; "
                            f"{untracked_step(name, state.runner)}, then migrate")
@@ -1318,13 +1325,27 @@ def refusal(conn: sqlite3.Connection, wrapper: MigrationConnection) -> str:
 
 
 def failure(migration: Migration, statement: str, error, note: str) -> str:
+    line = python_line(migration, error)
     if isinstance(error, sqlite3.DatabaseError) and "not authorized" in str(error):
         error = escape_reason(statement) or REFUSED
     elif isinstance(error, (sqlite3.Error, OSError)):
         error = describe_error(error)       # a full disk says what ran out
+    elif isinstance(error, Exception) and not isinstance(error, CommandError):
+        error = f"{type(error).__name__}: {error}"     # a Python migration's own error
+    error = f"{error}{line}"
     text = " ".join(statement.split())
     return (f"migration {migration.version} ({migration.description}) failed: {error}; "
             f"statement: {text[:200]}; rolled back, nothing changed{note}")
+
+
+def python_line(migration: Migration, error) -> str:
+    """' (line N of 0004_x.py: the line)' where a Python migration's error was raised."""
+    if not migration.python or not isinstance(error, BaseException):
+        return ""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == migration.source]
+    if not frames:
+        return ""
+    return f" (line {frames[-1].lineno} of {Path(migration.source).name}: {(frames[-1].line or '').strip()})"
 
 
 def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -1548,9 +1569,14 @@ def check_before_commit(conn: sqlite3.Connection, plan: Plan, before: dict[str, 
     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
     if broken:
         table, rowid, parent, _ = broken[0]
-        raise CommandError(f"foreign key check failed: {len(broken)} row(s), e.g. {table} row "
-                           f"{rowid} refers to a missing row in {parent}; rolled back, nothing "
-                           f"changed{note}")
+        culprit = last_touching(plan.migrations, plan.direction, (table, parent))
+        blame = (f"migration {culprit.label} is the last in this run that touches {table} or "
+                 f"{parent}" if culprit else f"no migration in this run names {table} or "
+                 f"{parent}: the broken references were there before it (see "
+                 f"'{tool_command('safe_db_update.py')} check {plan.instance.name}')")
+        raise CommandError(f"foreign key check failed: {table} row {rowid} refers to a missing "
+                           f"row in {parent} ({len(broken)} such row(s)); {blame}; rolled back, "
+                           f"nothing changed{note}")
     lost = lost_rows(before, row_counts(conn), ledger)
     if lost:
         flags = " ".join(f"--allow-row-loss {shlex.quote(table)}" for table, _ in lost)
@@ -1558,6 +1584,19 @@ def check_before_commit(conn: sqlite3.Connection, plan: Plan, before: dict[str, 
                            f"statement removed those rows (a confirmation covers only the statement "
                            f"it confirms); rolled back, nothing changed; if that loss is intended, "
                            f"run again with {flags}{note}")
+
+
+def last_touching(migrations, direction: str, tables: tuple[str, ...]) -> Migration | None:
+    """The last of the run's migrations whose statements (or Python code) name one of the
+    tables: the one a failed foreign key check points to. The check itself runs once, at
+    the end; naming the culprit costs nothing until it fails."""
+    names = [re.compile(rf"(?<![\w$]){re.escape(t.upper())}(?![\w$])") for t in tables]
+    for migration in reversed(tuple(migrations)):
+        text = migration.python.upper() + " ".join(
+            bare_sql(s) for s in (migration.up if direction == "up" else migration.down))
+        if any(name.search(text) for name in names):
+            return migration
+    return None
 
 
 # --- Dry run -----------------------------------------------------------------
@@ -1973,7 +2012,7 @@ def refuse_missing(args: argparse.Namespace, instance: Instance, entry: dict) ->
     signs = signs_of_a_lost_database(instance)
     if signs and not new_empty:
         raise LostDatabase(f"{instance.name}: no database at {instance.path}, but it had one "
-                           f"({'; '.join(signs)}); restore it with 'safe_db_update.py restore "
+                           f"({'; '.join(signs)}); restore it with '{tool_command('safe_db_update.py')} restore "
                            f"{instance.name}'; nothing created (to start again from an empty "
                            f"database anyway: 'migrate {instance.name} --new-empty-database')")
     if not (args.create or new_empty):
@@ -1988,22 +2027,6 @@ def refuse_missing(args: argparse.Namespace, instance: Instance, entry: dict) ->
 
 class LostDatabase(CommandError):
     """--create refused: the instance had a database, which is to be restored, not re-made."""
-
-
-def signs_of_a_lost_database(instance: Instance) -> list[str]:
-    """Why a missing database looks lost rather than never made: backups, an audit trail
-    that shows a database (a command that succeeded, or one that read a version), or a
-    -wal, -journal or -shm file left beside the missing file."""
-    signs = []
-    backups = list_backups(instance)
-    if backups:
-        signs.append(f"{len(backups)} backup(s) in {instance.backup_folder}")
-    if any(e.get("outcome") == "ok" or e.get("version_before") is not None
-           for e in read_history(instance)[0]):
-        signs.append(f"an audit trail in {instance.home / 'history.jsonl'}")
-    signs += [f"{instance.path}{suffix} is beside it" for suffix in SIDECARS
-              if os.path.lexists(f"{instance.path}{suffix}")]
-    return signs
 
 
 def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
@@ -2097,7 +2120,8 @@ def status_as_json(state: State, last_backup: str | None) -> dict:
     return {"name": state.instance.name, "path": str(state.instance.path), "exists": state.exists,
             "current_version": state.current_version, "latest_version": state.latest_version,
             "pending": [m.version for m in state.pending], "state": state.state,
-            "last_backup": last_backup, **({"error": state.error} if state.error else {}),
+            "last_backup": last_backup,
+            **({"error": state.error or damaged(state)} if state.state == "error" else {}),
             **({"runner": state.runner.name} if state.runner else {}),
             **({"same_file_as": same} if same else {})}
 
@@ -2116,8 +2140,8 @@ def format_stale(state: State, newest: Backup | None, limit: float) -> str:
     found = (f"the newest verified one is from {newest.created_at} ({age(newest.created_at)})"
              if newest else "it has none")
     return (f"{name}: no verified backup in the last {format_duration(limit)}: {found}; is the "
-            f"nightly backup running? see 'safe_db_update.py list-backups {name}' and make one "
-            f"with 'safe_db_update.py backup {name}'")
+            f"nightly backup running? see '{tool_command('safe_db_update.py')} list-backups {name}' "
+            f"and make one with '{tool_command('safe_db_update.py')} backup {name}'")
 
 
 def prometheus_text(rows: list[tuple[State, Backup | None, dict | None]], now: float) -> str:
@@ -2135,7 +2159,7 @@ def prometheus_text(rows: list[tuple[State, Backup | None, dict | None]], now: f
         if made:
             samples["last_backup_age_seconds"].append((label, max(0.0, now - made.timestamp())))
             samples["last_backup_size_bytes"].append((label, newest.size))
-        ended = iso_seconds(str(last_run.get("time", ""))) if last_run else None
+        ended = iso_seconds(str(last_run.get("created_at", ""))) if last_run else None
         if ended is not None:
             run_label = {**label, "operation": str(last_run.get("operation", ""))}
             samples["last_run_success"].append((run_label, int(last_run.get("outcome") == "ok")))
@@ -2170,6 +2194,21 @@ def iso_seconds(text: str) -> float | None:
     return when.timestamp()
 
 
+def damaged(state: State) -> str:
+    """What status says of a database that failed its quick_check."""
+    return (f"damaged: {one_line(state.damage).removeprefix('quick_check: ')}; "
+            f"{emergency_step(state.instance)}")
+
+
+def one_line(problem: str) -> str:
+    """quick_check's report of a damaged page, which spans lines, as one line of a message."""
+    prefix = "quick_check: " if problem.startswith("quick_check: ") else ""
+    lines = [line.strip() for line in problem[len(prefix):].splitlines()
+             if line.strip() and not line.strip().startswith("*** in database")]
+    return prefix + (lines[0] if lines else problem.strip()) + \
+        (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
+
+
 def format_empty_fleets(fleets: list[tuple[str, Path]]) -> list[str]:
     return [f"{name}: a fleet with no members: no file matches {pattern}" for name, pattern in fleets]
 
@@ -2182,7 +2221,7 @@ def format_status(rows: list[tuple[State, str | None]], fleets: list[tuple[str, 
         current = "-" if state.current_version is None else str(state.current_version)
         lines.append(f"{state.instance.name:<{width}}  {current:>7}  {state.latest_version:>6}  "
                      f"{len(state.pending):>7}  {state.state:<10}  {age(last)}"
-                     + (f"  ({state.error})" if state.error else "")
+                     + (f"  ({state.error or damaged(state)})" if state.state == "error" else "")
                      + (f"  (built by {state.runner.name}: run 'adopt {state.instance.name}')"
                         if state.runner else "")
                      + (f"  (same file as {', '.join(state.instance.same_file_as)}: write "
@@ -2338,7 +2377,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                            "--prometheus a FILE", EXIT_USAGE)
     rows, now = [], time.time()
     for instance in chosen_instances(args, args.name):
-        state = inspect(instance, all_migrations(instance))
+        state = inspect(instance, all_migrations(instance), quick_check=True)
         rows.append((state, newest_verified(list_backups(instance))))
     fleets = [(name, pattern) for name, pattern in empty_fleets(find_config(args.config))
               if args.name in (None, name)]
@@ -2361,8 +2400,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         emit(args, format_status([(s, newest.created_at if newest else None) for s, newest in rows],
                                  fleets), data)
     for state, newest in stale:
-        print(f"{PROG}: error: {format_stale(state, newest, args.max_backup_age)}", file=sys.stderr)
-    return EXIT_FAILED if stale or any(s.error for s, _ in rows) else EXIT_OK
+        print(f"{program()}: error: {format_stale(state, newest, args.max_backup_age)}", file=sys.stderr)
+    return EXIT_FAILED if stale or any(s.state == "error" for s, _ in rows) else EXIT_OK
 
 
 def backup_too_old(state: State, newest: Backup | None, limit: float, now: float) -> bool:
@@ -2403,8 +2442,10 @@ def write_atomically(path: Path, text: str) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     instance = get_instance(args)
     state = inspect(instance, all_migrations(instance), quick_check=True)
-    if not state.exists or state.error:
-        raise CommandError(f"{instance.name}: {state.error or f'no database at {instance.path}'}")
+    if not state.exists:
+        raise CommandError(missing_database(instance))
+    if state.error:
+        raise CommandError(f"{instance.name}: {state.error}")
     emit(args, format_check(state), check_as_json(state))
     return EXIT_OK if consistent(state) else EXIT_FAILED
 
@@ -2437,7 +2478,7 @@ def migrate_many(args: argparse.Namespace, instances: list[Instance]) -> int:
     skipped = sum(r["result"] == "skipped" for r in results)
     summary = (f"{args.command}: {len(results) - len(failures) - skipped} ok, {len(failures)} failed, "
                f"{skipped} skipped")
-    summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
+    summary += "".join(f"\n  failed: {r['name']} (its error is above)" for r in failures)
     emit(args, summary, {"instances": results})
     return EXIT_FAILED if failures else EXIT_OK
 
@@ -2574,7 +2615,7 @@ def worker_died(args: argparse.Namespace, instance: Instance, exitcode: int | No
            if exitcode is not None and exitcode < 0 else f"exit code {exitcode}")
     error = (f"{instance.name}: the worker migrating it died ({how}); a migration is all or "
              f"nothing: see 'check {instance.name}' for the version it is at")
-    print(f"{PROG}: error: {error}", file=sys.stderr)
+    print(f"{program()}: error: {error}", file=sys.stderr)
     return not_migrated(args, instance, "failed", error)
 
 
@@ -2606,7 +2647,7 @@ def migrate_one(args: argparse.Namespace, instance: Instance) -> tuple[dict, str
         outcome = migrate_instance(args, instance, seen)
     except (CommandError, OSError) as exc:
         error = str(exc) if isinstance(exc, CommandError) else f"{instance.name}: {describe_error(exc)}"
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{program()}: error: {error}", file=sys.stderr)
         row = not_migrated(args, instance, "failed", error, seen, time.perf_counter() - started)
         if isinstance(exc, LostDatabase):   # refused, touching nothing: migrate-all goes on
             row["lost_database"] = True
@@ -2661,7 +2702,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         try:
             adoption = adopt_instance(args, instance)
         except CommandError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            print(f"{program()}: error: {exc}", file=sys.stderr)
             results.append({"name": instance.name, "result": "failed", "error": str(exc)})
             continue
         if not args.json:
@@ -2672,7 +2713,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     skipped = sum(r["result"] == "skipped" for r in results)
     summary = (f"adopt: {len(results) - len(failures) - skipped} adopted, {len(failures)} failed, "
                f"{skipped} already tracked")
-    summary += "".join(f"\n  failed: {r['name']}: {r['error']}" for r in failures)
+    summary += "".join(f"\n  failed: {r['name']} (its error is above)" for r in failures)
     emit(args, summary, {"instances": results})
     return EXIT_FAILED if failures else EXIT_OK
 
@@ -2715,10 +2756,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     instance = get_instance(args)
     entries, unreadable = read_history(instance)
-    lines = [f"{e.get('time', '?')}  {e.get('user', '?')}@{e.get('host', '?')}  "
-             f"{str(e.get('operation', '?')):<8}  {e.get('version_before')} -> {e.get('version_after')}  "
-             f"{e.get('outcome', '?')}  ({e.get('seconds', 0)}s)"
-             + (f"  backup: {e['backup']}" if e.get("backup") else "") for e in entries]
+    lines = [format_history_entry(e) for e in entries]
     if unreadable:
         lines.append(f"{instance.name}: {len(unreadable)} unreadable line(s) in "
                      f"{instance.home / 'history.jsonl'} (line {', '.join(map(str, unreadable))}); "
@@ -2726,6 +2764,18 @@ def cmd_history(args: argparse.Namespace) -> int:
     emit(args, "\n".join(lines) or f"{instance.name}: no history yet",
          {"name": instance.name, "entries": entries, "unreadable_lines": unreadable})
     return EXIT_OK
+
+
+def format_history_entry(entry: dict) -> str:
+    """One audit line: versions where known ('none' where there was no database), the
+    backup once (a failure's message may already name it)."""
+    before, after = entry.get("version_before"), entry.get("version_after")
+    versions = "" if before is None and after is None else \
+        f"  {'none' if before is None else before} -> {'none' if after is None else after}"
+    outcome, backup = str(entry.get("outcome", "?")), entry.get("backup")
+    return (f"{entry.get('created_at', '?')}  {entry.get('user', '?')}@{entry.get('host', '?')}  "
+            f"{str(entry.get('operation', '?')):<8}{versions}  {outcome}  ({entry.get('seconds', 0)}s)"
+            + (f"  backup: {backup}" if backup and str(backup) not in outcome else ""))
 
 
 # --- Parser and main ---------------------------------------------------------
@@ -2752,11 +2802,14 @@ def positive_number(text: str) -> int:
     return int(text)
 
 
+TO_HELP = "a version number: the NNNN of a migration file (or 'version' in MIGRATIONS)"
+
+
 def add_migrate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="show the plan and rehearse it on a temporary copy; change nothing")
-    parser.add_argument("--to", type=version_number, metavar="VERSION",
-                        help="apply pending migrations up to this version only")
+    parser.add_argument("--to", type=version_number, metavar="V",
+                        help=f"apply pending migrations up to version V only; V is {TO_HELP}")
     parser.add_argument("--create", action="store_true",
                         help="make the database where none ever was (a lost one, with "
                              "backups or an audit trail, is refused: restore it)")
@@ -2774,10 +2827,17 @@ def add_row_loss_option(parser: argparse.ArgumentParser) -> None:
                              "see the lost-row guard")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser, commands = root_parser(PROG, __doc__)
-    status = add_command(commands, "status", cmd_status, "every instance's version and state")
-    status.add_argument("name", metavar="NAME", nargs="?", help="one instance or fleet only")
+NAME_HELP = "an instance in instances.ini, or a fleet member such as tenants/acme"
+FLEET_HELP = "an instance in instances.ini, or a fleet: every member"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser, commands = root_parser(prog, __doc__)
+    status = add_command(commands, "status", cmd_status, "every instance's version and state",
+                         ("", "--json        # for a monitor: state, pending, last_backup",
+                          "--max-backup-age 26h --quiet   # cron: exit 1 when nightly backups stop"))
+    status.add_argument("name", metavar="NAME", nargs="?",
+                        help="one instance or fleet only (default: every instance)")
     status.add_argument("--max-backup-age", type=duration, metavar="AGE",
                         help="exit 1, naming them, when instances have no verified backup "
                              "this recent (26h, 90m, 7d; units s, m, h, d)")
@@ -2785,47 +2845,61 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the metrics in node_exporter's textfile format to "
                              "FILE, atomically ('-': to stdout, instead of the table)")
     add_command(commands, "check", cmd_check,
-                "applied and pending migrations of one instance, and problems"
-                ).add_argument("name", metavar="NAME")
-    migrate = add_command(commands, "migrate", cmd_migrate, "apply pending migrations to one instance")
-    migrate.add_argument("name", metavar="NAME")
+                "applied and pending migrations of one instance, and problems",
+                ("prod", "prod --json")).add_argument("name", metavar="NAME", help=NAME_HELP)
+    migrate = add_command(commands, "migrate", cmd_migrate, "apply pending migrations to one instance",
+                          ("prod --dry-run    # the plan, rehearsed on a copy",
+                           "prod              # back up, then apply, all or nothing",
+                           "dev --to 4", "dev --create      # a new instance's first database"))
+    migrate.add_argument("name", metavar="NAME", help=FLEET_HELP)
     add_migrate_options(migrate)
     migrate.add_argument("--new-empty-database", action="store_true",
                          help="make a new, empty database although the instance had one "
                               "(it has backups or an audit trail); asks first; see the manual")
     migrate_all = add_command(commands, "migrate-all", cmd_migrate_all,
-                              "migrate every instance in file order")
+                              "migrate every instance in file order",
+                              ("--dry-run", "--keep-going --quiet", "--create   # the example's databases, "
+                               "the first time"))
     add_migrate_options(migrate_all)
     add_backup_command(commands)
     baseline = add_command(commands, "baseline", cmd_baseline,
-                           "record migrations up to V as applied, for a database that predates the tool")
-    baseline.add_argument("name", metavar="NAME")
-    baseline.add_argument("--to", type=version_number, metavar="V", required=True)
+                           "record migrations up to V as applied, for a database that predates the tool",
+                           ("prod --to 3", "prod --to 3 --force   # record despite the listed differences"))
+    baseline.add_argument("name", metavar="NAME", help=NAME_HELP)
+    baseline.add_argument("--to", type=version_number, metavar="V", required=True,
+                          help=f"the version the database's schema is at; V is {TO_HELP}")
     baseline.add_argument("--force", action="store_true",
                           help="record even though the schema differs (the differences are listed)")
     adopt = add_command(commands, "adopt", cmd_adopt,
-                        "take over a database that dbmate, golang-migrate, sqlx, Diesel or Rails built")
-    adopt.add_argument("name", metavar="NAME", help="one instance, or a fleet: every member")
+                        "take over a database that dbmate, golang-migrate, sqlx, Diesel or Rails built",
+                        ("prod", "tenants          # every member of a fleet", "prod --force"))
+    adopt.add_argument("name", metavar="NAME", help=FLEET_HELP)
     adopt.add_argument("--force", action="store_true",
                        help="record even though the schema differs (the differences are listed)")
     rollback = add_command(commands, "rollback", cmd_rollback,
-                           "run the down parts above V, newest first, after a backup")
-    rollback.add_argument("name", metavar="NAME")
-    rollback.add_argument("--to", type=version_number, metavar="V", required=True)
+                           "run the down parts above V, newest first, after a backup",
+                           ("dev --to 2", "prod --to 2 --yes   # no terminal: --yes confirms"))
+    rollback.add_argument("name", metavar="NAME", help=NAME_HELP)
+    rollback.add_argument("--to", type=version_number, metavar="V", required=True,
+                          help=f"the version to go back to (its own migration stays); V is {TO_HELP}")
     add_row_loss_option(rollback)
-    new = add_command(commands, "new", cmd_new, "write the next numbered migration file")
-    new.add_argument("description", metavar="DESCRIPTION")
+    new = add_command(commands, "new", cmd_new, "write the next numbered migration file",
+                      ('"add loan due date"', '"backfill totals" --python'))
+    new.add_argument("description", metavar="DESCRIPTION",
+                     help="what the migration does; it becomes the file name (add_loan_due_date)")
     new.add_argument("--python", action="store_true", help="a .py migration with up(conn)")
-    diff = add_command(commands, "diff", cmd_diff, "compare two instances' schemas")
-    diff.add_argument("name", metavar="NAME")
-    diff.add_argument("other", metavar="OTHER")
-    add_command(commands, "history", cmd_history, "the instance's audit trail"
-                ).add_argument("name", metavar="NAME")
+    diff = add_command(commands, "diff", cmd_diff, "compare two instances' schemas",
+                       ("testing prod", "dev prod --json"))
+    diff.add_argument("name", metavar="NAME", help=NAME_HELP)
+    diff.add_argument("other", metavar="OTHER", help="the instance to compare it with")
+    add_command(commands, "history", cmd_history, "the instance's audit trail",
+                ("prod", "prod --json")).add_argument("name", metavar="NAME", help=NAME_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), PROG, argv)
+    prog = started_as(PROG, argv)
+    return run(build_parser(prog), prog, argv)
 
 
 if __name__ == "__main__":

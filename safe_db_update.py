@@ -34,6 +34,7 @@ import sqlite3
 import stat
 import threading
 import time
+import traceback
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +74,8 @@ BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{12}Z)-(?P<reason>[a-z
 PROGRESS_AFTER_SECONDS = 1.5
 INVOCATION: list[str] = []          # the command line being run, for the audit trail
 HELD_HANDLER = "held SIGINT handler"    # in an audit entry between COMMIT and its line; never written
+CONSOLE_SCRIPTS = {"database_migration.py": "database-migration", "safe_db_update.py": "safe-db-update"}
+MANUAL = "DATABASE_MIGRATION_README.md"
 CHUNK = 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
 RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
@@ -101,6 +104,21 @@ class CommandError(Exception):
 
 class InterruptedAfterCommit(KeyboardInterrupt):
     """Ctrl-C arrived after COMMIT: the change is in the database and recorded as ok; exit 0."""
+
+
+class UsageError(Exception):
+    """argparse found the command line wrong; run() prints it as argparse would (exit 2)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a wrong command line is raised to run(), so that --json can report it."""
+
+    def error(self, message: str):
+        raise UsageError(self, message)
 
 
 # --- Records -----------------------------------------------------------------
@@ -204,16 +222,21 @@ class Info:
 def find_config(explicit: Path | None = None) -> Path:
     """--config, else $DB_MIGRATION_CONFIG, else ./instances.ini, else beside the scripts."""
     if explicit is not None:
-        candidates = [Path(explicit)]
+        candidates, given = [Path(explicit)], "given by --config"
     elif os.environ.get(CONFIG_ENV):
-        candidates = [Path(os.environ[CONFIG_ENV])]
+        candidates, given = [Path(os.environ[CONFIG_ENV])], f"named by ${CONFIG_ENV}"
     else:
         candidates = [Path.cwd() / CONFIG_FILE, Path(__file__).resolve().parent / CONFIG_FILE]
+        given = ""
     for candidate in candidates:
         if candidate.is_file():
             return Path(os.path.abspath(candidate))
-    raise CommandError(f"{candidates[0]}: no instance registry found; pass --config PATH "
-                       f"or set {CONFIG_ENV}", EXIT_USAGE)
+    if given:
+        what = "is a folder, not a file" if candidates[0].is_dir() else "does not exist"
+        raise CommandError(f"{candidates[0]}: the instance registry {given} {what}; check the "
+                           f"path", EXIT_USAGE)
+    raise CommandError(f"no instance registry: neither {candidates[0]} nor {candidates[1]} "
+                       f"exists; pass --config PATH or set {CONFIG_ENV}", EXIT_USAGE)
 
 
 def read_config(config: Path) -> configparser.ConfigParser:
@@ -435,15 +458,51 @@ def require_database(instance: Instance) -> bytes:
     """Refuse a missing file or one that is not an SQLite database; return its header."""
     path = instance.path
     if not path.is_file():
-        raise CommandError(f"{instance.name}: no database at {path}")
+        raise CommandError(missing_database(instance))
     try:
         with open(path, "rb") as handle:
             header = handle.read(20)
     except OSError as exc:
         raise CommandError(f"{instance.name}: cannot read {path}: {exc.strerror}") from exc
     if header and header[:len(SQLITE_HEADER)] != SQLITE_HEADER:
-        raise CommandError(f"{instance.name}: {path} is not an SQLite database")
+        raise CommandError(f"{instance.name}: {path} is not an SQLite database (damaged, or "
+                           f"another file); nothing changed; {emergency_step(instance)}")
     return header
+
+
+def missing_database(instance: Instance) -> str:
+    """No file at the path: restore one that was lost; --create one that never was."""
+    signs = signs_of_a_lost_database(instance)
+    if signs:
+        return (f"{instance.name}: no database at {instance.path}, but it had one "
+                f"({'; '.join(signs)}); restore it with "
+                f"'{tool_command('safe_db_update.py')} restore {instance.name}'")
+    return (f"{instance.name}: no database at {instance.path} (it never had one); make it with "
+            f"'{tool_command('database_migration.py')} migrate {instance.name} --create'")
+
+
+def signs_of_a_lost_database(instance: Instance) -> list[str]:
+    """Why a missing database looks lost rather than never made: backups, an audit trail
+    that shows a database (a command that succeeded, or one that read a version), or a
+    -wal, -journal or -shm file left beside the missing file."""
+    signs = []
+    backups = list_backups(instance)
+    if backups:
+        signs.append(f"{len(backups)} backup(s) in {instance.backup_folder}")
+    if any(e.get("outcome") == "ok" or e.get("version_before") is not None
+           for e in read_history(instance)[0]):
+        signs.append(f"an audit trail in {instance.home / 'history.jsonl'}")
+    signs += [f"{instance.path}{suffix} is beside it" for suffix in SIDECARS
+              if os.path.lexists(f"{instance.path}{suffix}")]
+    return signs
+
+
+def emergency_step(instance: Instance) -> str:
+    """The emergency procedure for a damaged database, by its commands."""
+    tool = tool_command("safe_db_update.py")
+    return (f"follow 'The database is corrupted' in the manual's emergency procedures: "
+            f"'{tool} check {instance.name}', then '{tool} list-backups {instance.name}' and "
+            f"'{tool} restore {instance.name} FILE'")
 
 
 def connect(instance: Instance) -> sqlite3.Connection:
@@ -607,6 +666,24 @@ class BoundedSteps:
 
 
 # --- Small helpers -----------------------------------------------------------
+
+def started_as(default: str, argv: list[str] | None) -> str:
+    """The name the command was started by: the script's (database_migration.py) or the
+    installed command's (database-migration); default when main() is called with argv."""
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("-c", "-m", "__main__.py") else default
+
+
+def program() -> str:
+    """The running command's name, for messages."""
+    return INVOCATION[0] if INVOCATION else PROG
+
+
+def tool_command(script: str) -> str:
+    """How a message names one of the two tools: as installed commands when this one was
+    started as one (safe-db-update), else as scripts (safe_db_update.py)."""
+    return script if program().endswith(".py") else CONSOLE_SCRIPTS[script]
+
 
 def utc_now() -> tuple[str, str]:
     """(file-name stamp, ISO 8601) for the same instant, in UTC."""
@@ -801,7 +878,7 @@ def create_backup(instance: Instance, reason: str = "manual", progress: Progress
     progress: shows the copy and its verification on a terminal.
     """
     if not instance.path.is_file():
-        raise CommandError(f"{instance.name}: no database at {instance.path}")
+        raise CommandError(missing_database(instance))
     started = time.perf_counter()
     folder = instance.backup_folder
     make_private_folder(instance, folder)
@@ -1351,7 +1428,7 @@ def return_to_wal(instance: Instance, live: sqlite3.Connection) -> None:
     except sqlite3.Error as exc:
         mode = str(exc)
     if mode != "wal":
-        print(f"{PROG}: warning: {instance.name}: restored, but the database stays in "
+        print(f"{program()}: warning: {instance.name}: restored, but the database stays in "
               f"rollback-journal mode ({mode}); the application switches it back when it sets "
               f"journal_mode = WAL", file=sys.stderr)
 
@@ -1575,8 +1652,10 @@ def describe_table(conn: sqlite3.Connection, name: str) -> Table:
 
 def record_history(instance: Instance, entry: dict) -> None:
     """Append one line to <backup_dir>/<name>/history.jsonl; never fails the command."""
-    line = {"time": utc_now()[1], "user": current_user(), "host": socket.gethostname(),
-            "command": " ".join(INVOCATION or sys.argv), "instance": instance.name, **entry}
+    line = {"created_at": utc_now()[1], "user": current_user(), "host": socket.gethostname(),
+            "command": " ".join(INVOCATION or sys.argv), "name": instance.name,
+            **{key: value for key, value in entry.items()
+               if not (value is None and key.startswith("version_"))}}
     text = json.dumps(line, sort_keys=True) + "\n"
     try:
         make_private_folder(instance, instance.home)
@@ -1590,7 +1669,7 @@ def record_history(instance: Instance, entry: dict) -> None:
             os.close(fd)
     except (OSError, CommandError) as exc:
         if str(exc) not in str(entry.get("outcome")):   # the command's own error said it
-            print(f"{PROG}: warning: history not written: {exc}", file=sys.stderr)
+            print(f"{program()}: warning: history not written: {exc}", file=sys.stderr)
 
 
 def current_user() -> str:
@@ -1615,9 +1694,14 @@ def audited(instance: Instance, command: str, before: int | None = None) -> Iter
         entry["outcome"] = "ok"
     except CommandError as exc:
         entry["outcome"] = f"failed: {exc}"
+        exc.known = known_facts(entry)
+        raise
+    except KeyboardInterrupt as exc:
+        entry["outcome"] = "failed: interrupted (Ctrl-C or SIGINT)"
+        exc.known = known_facts(entry)
         raise
     except BaseException as exc:
-        entry["outcome"] = f"failed: {type(exc).__name__}: {exc}"
+        entry["outcome"] = f"failed: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
         raise
     finally:
         entry["seconds"] = round(time.perf_counter() - started, 3)
@@ -1626,10 +1710,12 @@ def audited(instance: Instance, command: str, before: int | None = None) -> Iter
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if entry.get("interrupted"):
-        raise InterruptedAfterCommit(
+        late = InterruptedAfterCommit(
             f"{instance.name}: interrupted after COMMIT: the change was committed (version "
             f"{entry['version_before']} -> {entry['version_after']}) and recorded as ok in "
             f"{instance.home / 'history.jsonl'}")
+        late.known = known_facts(entry)
+        raise late
 
 
 def hold_interrupts(entry: dict) -> None:
@@ -1643,8 +1729,17 @@ def hold_interrupts(entry: dict) -> None:
         pass
 
 
+def known_facts(entry: dict) -> dict:
+    """What a failed write command's audit entry knew, for its --json error document, in
+    migrate's words: from_version and to_version (where the database is now), backup."""
+    facts = {"from_version": entry.get("version_before"), "to_version": entry.get("version_after"),
+             "backup": entry.get("backup")}
+    return {key: value for key, value in facts.items() if value is not None}
+
+
 def read_history(instance: Instance) -> tuple[list[dict], list[int]]:
-    """The entries of history.jsonl, and the numbers of the lines that are not one."""
+    """The entries of history.jsonl (in today's keys: current_keys), and the numbers of
+    the lines that are not one."""
     path = instance.home / "history.jsonl"
     if not path.is_file():
         return [], []
@@ -1658,19 +1753,59 @@ def read_history(instance: Instance) -> tuple[list[dict], list[int]]:
             except ValueError:
                 entry = None
             if isinstance(entry, dict):
-                entries.append(entry)
+                entries.append(current_keys(entry))
             else:
                 unreadable.append(number)
     return entries, unreadable
+
+
+def current_keys(entry: dict) -> dict:
+    """A history line in today's words: older lines said instance and time (name and
+    created_at now) and wrote null for an unknown version (left out now)."""
+    renamed = {"instance": "name", "time": "created_at"}
+    return {renamed.get(key, key): value for key, value in entry.items()
+            if not (value is None and key.startswith("version_"))}
 
 
 # --- Presentation ------------------------------------------------------------
 
 def emit(args: argparse.Namespace, text: str, data: dict) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True))
+        args.emitted = True             # run() adds no error document after this one
+        write_stdout(json.dumps(data, indent=2, sort_keys=True))
     elif not getattr(args, "quiet", False) and text:
-        print(text)
+        write_stdout(text)
+
+
+def write_stdout(text: str) -> None:
+    """Print a result. A reader that stopped reading (| head -1) is not an error: what is
+    left goes to /dev/null, and the command carries on to its own end and exit code."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        silence(sys.stdout)
+
+
+def silence(stream) -> None:
+    """Point a standard stream whose reader has gone at /dev/null."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):     # not a real file (a test's StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def emit_failure(args: argparse.Namespace, error: str, exit_code: int, known: dict | None = None) -> int:
+    """With --json, a command that fails still writes one JSON document on stdout: the error,
+    the exit code, and what it knew by then (unless it had already written its own)."""
+    if getattr(args, "json", False) and not getattr(args, "emitted", False):
+        data = {"error": error, "exit_code": exit_code, "command": getattr(args, "command", None)}
+        if getattr(args, "name", None):
+            data["name"] = args.name
+        emit(args, "", {**data, **(known or {})})
+    return exit_code
 
 
 def confirm(args: argparse.Namespace, instance: Instance, question: str, details: str = "") -> None:
@@ -1817,7 +1952,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     results, failed = [], 0
     for name, pattern in empty_fleets(config):
         if args.all or args.name == name:       # nothing to back up is never silent
-            print(f"{PROG}: error: {name}: a fleet with no members: no file matches {pattern}; "
+            print(f"{program()}: error: {name}: a fleet with no members: no file matches {pattern}; "
                   f"nothing backed up for it", file=sys.stderr)
             failed += 1
     for instance in chosen:
@@ -1830,13 +1965,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         except CommandError as exc:
             if len(chosen) == 1:
                 raise
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            print(f"{program()}: error: {exc}", file=sys.stderr)
             failed += 1
             continue
         results.append(backup_as_json(instance, backup))
         if not backup.verified:
             failed += 1
-            print(f"{PROG}: error: {instance.name}: the copy failed its integrity check; it is "
+            print(f"{program()}: error: {instance.name}: the copy failed its integrity check; it is "
                   f"kept for forensics as {backup.path}, marked unverified; see "
                   f"'check {instance.name}'", file=sys.stderr)
         if not args.json:
@@ -1883,6 +2018,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     instance = get_instance(args)
     with audited(instance, "restore") as entry:
+        current = live_version(instance)
+        entry.update(version_before=current, version_after=current)
         backup = find_backup(instance, args.file)
         entry["restored_from"] = str(backup.path)
         confirm(args, instance, f"Replace the contents of {instance.name} ({instance.path}) "
@@ -1895,7 +2032,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                    f"'list-backups {instance.name}'")
             safety, after = restore_backup(instance, backup)
             entry.update(backup=safety and str(safety.path),
-                         version_before=safety and safety.schema_version)
+                         version_before=safety.schema_version if safety else current)
         entry["version_after"] = backup.schema_version
         kept = f"the replaced contents are in {safety.path}" if safety else "there was no file to keep"
         if after:
@@ -1908,6 +2045,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
           "pre_restore_backup": safety and str(safety.path),
           "seconds": round(entry["seconds"], 3)})
     return EXIT_OK
+
+
+def live_version(instance: Instance) -> int | None:
+    """The live database's schema version; None when there is none or it cannot be read."""
+    try:
+        with closing(open_readonly(instance)) as conn:
+            return schema_version(conn)
+    except (CommandError, sqlite3.Error, OSError):
+        return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -1962,60 +2108,88 @@ def common_options(on_subcommand: bool) -> argparse.ArgumentParser:
     extra = {"default": argparse.SUPPRESS} if on_subcommand else {}
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--config", type=Path, metavar="PATH",
-                         help="instance registry (default: ./instances.ini)", **extra)
-    options.add_argument("--json", action="store_true", help="one JSON document on stdout", **extra)
-    options.add_argument("-q", "--quiet", action="store_true", help="errors only (for cron)", **extra)
-    options.add_argument("-y", "--yes", action="store_true", help="answer yes to confirmations",
-                         **extra)
+                         help=f"the instance registry; without it: the file named by "
+                              f"${CONFIG_ENV}, else ./{CONFIG_FILE} (the current folder), "
+                              f"else {CONFIG_FILE} beside the scripts", **extra)
+    options.add_argument("--json", action="store_true",
+                         help="one JSON document on stdout, also when the command fails "
+                              "(keys: see the manual)", **extra)
+    options.add_argument("-q", "--quiet", action="store_true",
+                         help="errors only, on stderr (for cron)", **extra)
+    options.add_argument("-y", "--yes", action="store_true",
+                         help="answer yes to confirmations (needed without a terminal)", **extra)
     return options
 
 
-def add_command(commands, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+def add_command(commands, name: str, handler, help_text: str,
+                examples: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A subcommand with the global options, --version, and examples in its --help."""
+    epilog = "examples:\n" + "".join(f"  %(prog)s {example}".rstrip() + "\n"
+                                      for example in examples) if examples else ""
     parser = commands.add_parser(name, parents=[common_options(True)], help=help_text,
-                                 description=help_text)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+                                 description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=epilog + f"\nThe manual, {MANUAL}, describes every command.")
+    root = parser.prog.rsplit(" ", 1)[0]
+    parser.add_argument("--version", action="version", version=f"{root} {VERSION}")
     parser.set_defaults(handler=handler)
     return parser
 
 
 def root_parser(prog: str, doc: str):
     """The CLI's parser with the global options, and its subcommands to fill in."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                                     parents=[common_options(False)])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    parser = Parser(prog=prog, description=doc.split("\n\n")[0], parents=[common_options(False)],
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=f"'%(prog)s COMMAND --help' shows a command's options and examples.\n"
+                           f"The manual, {MANUAL} (in the project's repository), describes\n"
+                           f"every command, instances.ini, cron and the emergency procedures.")
+    parser.add_argument("--version", action="version", version=f"{prog} {VERSION}")
     return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+NAME_HELP = "an instance in instances.ini (or a fleet: every member)"
+ONE_NAME_HELP = "an instance in instances.ini, or a fleet member such as tenants/acme"
 
 
 def add_backup_command(commands) -> None:
     backup = add_command(commands, "backup", cmd_backup, "verified backup of one instance, "
-                                                         "a fleet, or all")
-    backup.add_argument("name", metavar="NAME", nargs="?")
+                                                         "a fleet, or all",
+                         ("prod", "--all --reason nightly --quiet   # nightly, from cron",
+                          "prod --json"))
+    backup.add_argument("name", metavar="NAME", nargs="?", help=NAME_HELP)
     backup.add_argument("--all", action="store_true", help="every instance, in file order")
     backup.add_argument("--reason", choices=OPERATOR_REASONS, default="manual",
                         help="why, in the file name and manifest (default: manual; cron: "
                              "nightly)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser, commands = root_parser(PROG, __doc__)
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser, commands = root_parser(prog, __doc__)
     add_backup_command(commands)
-    add_command(commands, "list-backups", cmd_list_backups,
-                "an instance's backups, newest first").add_argument("name", metavar="NAME")
-    verify = add_command(commands, "verify", cmd_verify, "check a backup's SHA-256 and integrity")
-    verify.add_argument("name", metavar="NAME")
-    verify.add_argument("file", metavar="FILE", nargs="?", help="default: the newest verified backup")
+    add_command(commands, "list-backups", cmd_list_backups, "an instance's backups, newest first",
+                ("prod", "prod --json")).add_argument("name", metavar="NAME", help=ONE_NAME_HELP)
+    verify = add_command(commands, "verify", cmd_verify, "check a backup's SHA-256 and integrity",
+                         ("prod", "prod prod-20261123T020000123456Z-manual.db"))
+    verify.add_argument("name", metavar="NAME", help=ONE_NAME_HELP)
+    verify.add_argument("file", metavar="FILE", nargs="?",
+                        help="a backup's path or file name (default: the newest verified backup)")
     restore = add_command(commands, "restore", cmd_restore,
-                          "put a verified backup's contents back into the live database")
-    restore.add_argument("name", metavar="NAME")
+                          "put a verified backup's contents back into the live database",
+                          ("prod                # the newest verified backup; asks first",
+                           "prod prod-20261123T020000123456Z-pre-migrate.db",
+                           "dev FILE --yes      # no terminal: --yes confirms"))
+    restore.add_argument("name", metavar="NAME", help=ONE_NAME_HELP)
     restore.add_argument("file", metavar="FILE", nargs="?",
-                         help="default: the newest verified backup")
-    check = add_command(commands, "check", cmd_check, "integrity and foreign-key check")
-    check.add_argument("name", metavar="NAME")
+                         help="a backup's path or file name (default: the newest verified backup)")
+    check = add_command(commands, "check", cmd_check, "integrity and foreign-key check",
+                        ("prod", "prod --quick", "prod --json"))
+    check.add_argument("name", metavar="NAME", help=ONE_NAME_HELP)
     check.add_argument("--quick", action="store_true", help="quick_check instead of integrity_check")
-    add_command(commands, "info", cmd_info, "what is in a database").add_argument("name", metavar="NAME")
+    add_command(commands, "info", cmd_info, "what is in a database",
+                ("dev", "dev --json")).add_argument("name", metavar="NAME", help=ONE_NAME_HELP)
     prune = add_command(commands, "prune", cmd_prune, "remove the backups that the retention "
-                                                      "policy does not keep")
-    prune.add_argument("name", metavar="NAME")
+                                                      "policy does not keep",
+                        ("prod --dry-run     # which rule keeps each backup", "prod --keep 10"))
+    prune.add_argument("name", metavar="NAME", help=ONE_NAME_HELP)
     prune.add_argument("--keep", type=int, metavar="N", help="default: keep_backups from the ini")
     prune.add_argument("--dry-run", action="store_true",
                        help="show which rule keeps each backup and what would be removed")
@@ -2023,9 +2197,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> int:
-    """Parse, dispatch, and turn a CommandError or OS error into one line and an exit code."""
-    args = parser.parse_args(argv)
-    INVOCATION[:] = [prog, *(sys.argv[1:] if argv is None else argv)]
+    """Parse, dispatch, and turn a CommandError or OS error into one line and an exit code
+    (with --json, also one JSON document on stdout: emit_failure)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    INVOCATION[:] = [prog, *words]
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        return emit_failure(argparse.Namespace(json="--json" in words), str(exc), EXIT_USAGE)
     for option in ("config", "json", "quiet", "yes"):
         if not hasattr(args, option):
             setattr(args, option, None if option == "config" else False)
@@ -2034,16 +2215,24 @@ def run(parser: argparse.ArgumentParser, prog: str, argv: list[str] | None) -> i
             return args.handler(args)
     except CommandError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return emit_failure(args, str(exc), exc.exit_code, getattr(exc, "known", None))
+    except BrokenPipeError:             # stderr's reader has gone (stdout's is handled in emit)
+        silence(sys.stderr)
+        return emit_failure(args, "broken pipe", EXIT_FAILED)
     except OSError as exc:
         print(f"{prog}: error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return emit_failure(args, describe_error(exc), EXIT_FAILED, getattr(exc, "known", None))
     except InterruptedAfterCommit as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_OK
-    except KeyboardInterrupt:
+        return emit_failure(args, str(exc), EXIT_OK, getattr(exc, "known", None))
+    except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return emit_failure(args, "interrupted", 130, getattr(exc, "known", None))
+    except Exception as exc:            # a bug: its traceback, exit 1, and the JSON document
+        if not getattr(args, "json", False):
+            raise
+        traceback.print_exc()
+        return emit_failure(args, f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILED)
 
 
 @contextmanager
@@ -2065,7 +2254,8 @@ def interrupts_delivered() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), PROG, argv)
+    prog = started_as(PROG, argv)
+    return run(build_parser(prog), prog, argv)
 
 
 if __name__ == "__main__":

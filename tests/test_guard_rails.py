@@ -444,8 +444,8 @@ class TimestampNewMigrationTests(GuardRailTestCase):
 
 # --- Audit trail -------------------------------------------------------------
 
-AUDIT_KEYS = {"time", "user", "host", "command", "version_before", "version_after", "backup",
-              "outcome", "seconds"}
+AUDIT_KEYS = {"created_at", "name", "user", "host", "command", "version_before", "version_after",
+              "backup", "outcome", "seconds"}
 
 
 class AuditTrailTests(GuardRailTestCase):

@@ -162,7 +162,8 @@ path = instance/testing.db
         code, out, err = self.run_cli(database_migration, "migrate-all", "--create")
         self.assertEqual(code, 1, err)
         self.assertIn("migrate-all: 2 ok, 1 failed, 0 skipped", out)
-        self.assertIn("failed: prod: prod: no database at", out)
+        self.assertIn("failed: prod (its error is above)", out)
+        self.assertEqual(err.count("prod: no database at"), 1, err)          # each failure once
 
 
 class NewEmptyDatabaseTests(LostDatabaseTestCase):

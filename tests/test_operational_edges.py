@@ -95,7 +95,8 @@ class DryRunWithoutRoomTests(ProjectTestCase):
                 self.assertEqual(result.returncode, 1, result.stderr)
                 self.assertNoTraceback(result.stderr)
                 self.assertIn("migrate-all: 0 ok, 1 failed, 1 skipped", result.stdout)
-                self.assertIn("failed: dev: dev: dry run: cannot copy", result.stdout)
+                self.assertIn("failed: dev (its error is above)", result.stdout)
+                self.assertEqual(result.stderr.count("dev: dry run: cannot copy"), 1, result.stderr)
                 result = run("migrate-all", "--dry-run", "--keep-going", "--json")
                 self.assertEqual(result.returncode, 1, result.stderr)
                 rows = json.loads(result.stdout)["instances"]

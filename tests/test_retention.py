@@ -137,7 +137,9 @@ class DamagedDatabaseTests(RetentionTestCase):
         code, text, _ = self.cli("list-backups", "dev")
         self.assertEqual(text.count("UNVERIFIED"), 4, text)     # three copies and the legend
         self.assertNotIn("UNVERIFIED", next(line for line in text.splitlines() if good[-1].name in line))
-        status = self.cli_json(database_migration, "status")["instances"][0]
+        code, out, _ = self.run_cli(database_migration, "status", "--json")
+        status = json.loads(out)["instances"][0]
+        self.assertEqual((code, status["state"]), (1, "error"))      # damaged: never 'up to date'
         self.assertEqual(status["last_backup"], self.manifest(good[-1])["created_at"])
         self.assertEqual(self.cli_json(safe_db_update, "verify", "dev")["path"], str(good[-1]))
         self.assertEqual(self.cli_json(safe_db_update, "info", "dev")["backups"],

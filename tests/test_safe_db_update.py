@@ -651,8 +651,9 @@ class HistoryTests(BackupTestCase):
         self.assertEqual([e["outcome"] for e in entries], ["ok"] * 4)
         for entry in entries:
             with self.subTest(operation=entry["operation"]):
-                for key in ("time", "user", "host", "command", "version_before",
-                            "version_after", "backup", "outcome", "seconds"):
+                for key in ("created_at", "name", "user", "host", "command", "backup", "outcome",
+                            "seconds") + (("version_before", "version_after")
+                                          if entry["operation"] != "prune" else ()):
                     self.assertIn(key, entry)
         self.assertEqual(entries[0]["backup"], str(first))
         self.assertTrue(entries[2]["backup"].endswith("-pre-restore.db"))
