@@ -219,12 +219,12 @@ RECORD_ADOPTED = """
 MIGRATIONS: list[dict] = [
     # {
     #     'version': 4,
-    #     'description': 'Add loan status',
+    #     'description': 'Add loan due date',
     #     'sql': [
-    #         "ALTER TABLE loan ADD COLUMN status VARCHAR(20) DEFAULT 'open'",
+    #         "ALTER TABLE loan ADD COLUMN due_date DATE",
     #     ],
     #     'down': [
-    #         "ALTER TABLE loan DROP COLUMN status",
+    #         "ALTER TABLE loan DROP COLUMN due_date",
     #     ],
     # },
 ]
