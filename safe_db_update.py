@@ -1712,7 +1712,8 @@ def audited(instance: Instance, command: str, before: int | None = None) -> Iter
     if entry.get("interrupted"):
         late = InterruptedAfterCommit(
             f"{instance.name}: interrupted after COMMIT: the change was committed (version "
-            f"{entry['version_before']} -> {entry['version_after']}) and recorded as ok in "
+            f"{'none' if entry['version_before'] is None else entry['version_before']} -> "
+            f"{entry['version_after']}) and recorded as ok in "
             f"{instance.home / 'history.jsonl'}")
         late.known = known_facts(entry)
         raise late
@@ -1928,7 +1929,7 @@ def format_info(info: Info) -> str:
              f"pages:          {info.page_count} x {info.page_size} bytes, "
              f"{info.freelist_count} free",
              f"journal mode:   {info.journal_mode}",
-             f"schema version: {info.schema_version}",
+             f"schema version: {'unknown' if info.schema_version is None else info.schema_version}",
              f"backups:        {len(info.backups)}"
              + (f" ({unverified} unverified)" if unverified else "")
              + (f", newest verified {newest.created_at} ({newest.path.name})" if newest else ""),
@@ -2038,8 +2039,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if after:
             raise CommandError(f"{instance.name}: integrity check after restore failed: {after[0]}; "
                                f"{kept}")
-    emit(args, f"{instance.name}: restored {backup.path.name} (schema version "
-               f"{backup.schema_version}); {kept}",
+    version = "unknown" if backup.schema_version is None else backup.schema_version
+    emit(args, f"{instance.name}: restored {backup.path.name} (schema version {version}); {kept}",
          {"name": instance.name, "path": str(instance.path), "restored_from": str(backup.path),
           "schema_version": backup.schema_version,
           "pre_restore_backup": safety and str(safety.path),
