@@ -248,7 +248,7 @@ class TransactionGoneTests(SafetyTestCase):
         self.assertEqual(result.returncode, 130, result.stderr)
         self.assertNotIn("Traceback", result.stderr)
         self.assertUnchanged(before)
-        self.assertIn("KeyboardInterrupt", self.history()[-1]["outcome"])
+        self.assertEqual(self.history()[-1]["outcome"], "failed: interrupted (Ctrl-C or SIGINT)")
 
 
 # --- Item 5: Ctrl-C right after COMMIT ---------------------------------------
