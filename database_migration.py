@@ -68,6 +68,7 @@ DBMATE_FILE = re.compile(r"(?P<version>\d+)-(?P<description>.+)\.sql")
 PAIRED_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<part>up|down)\.sql")
 DIESEL_FOLDER = re.compile(r"(?P<version>\d[\d-]*)_(?P<description>.+)")
 PLAIN, PAIRED, DIESEL = "plain", "paired", "Diesel"
+PYTHON = "Python"       # NNNN_description.py: at the top level of any layout's folder
 LAYOUT_NAMES = {
     PLAIN: "one NNNN_description.sql file per migration (this tool, dbmate, sqlx)",
     PAIRED: "NNNN_description.up.sql with .down.sql (golang-migrate, sqlx)",
@@ -587,21 +588,34 @@ def migrations_from_folder(folder: Path) -> list[Migration]:
         raise CommandError(f"migrations folder {folder} does not exist; create it or fix "
                            f"migrations_dir in instances.ini", EXIT_USAGE)
     layout, entries = folder_layout(folder)
-    if layout == PAIRED:
-        return paired_migrations(entries)
-    if layout == DIESEL:
-        return diesel_migrations(entries)
-    return plain_migrations(entries)
+    if layout == PLAIN:
+        return plain_migrations(entries)
+    python = [path for path in entries if layout_of(path) == PYTHON]
+    others = [path for path in entries if layout_of(path) != PYTHON]
+    read = paired_migrations if layout == PAIRED else diesel_migrations
+    return merge(read(others), [read_python_file(path, int(MIGRATION_FILE.fullmatch(path.name)["version"]),
+                                                 MIGRATION_FILE.fullmatch(path.name)["description"]
+                                                 .replace("_", " ")) for path in python])
 
 
 def layout_of(path: Path) -> str:
-    """The layout a folder entry belongs to, or '' for an entry that is ignored."""
+    """The layout a folder entry belongs to, PYTHON for a Python migration (which fits
+    every layout), or '' for an entry that is ignored."""
     if path.name.startswith(".") or path.name == "__init__.py":
         return ""
     if path.is_dir():
-        return DIESEL if DIESEL_FOLDER.fullmatch(path.name) and (path / "up.sql").is_file() else ""
+        diesel = DIESEL_FOLDER.fullmatch(path.name)
+        python = [path / name for name in ("up.py", "down.py") if (path / name).exists()]
+        if diesel and python:
+            raise CommandError(f"{python[0]}: Diesel's folders hold SQL only; a Python migration is one "
+                               f"file beside them: move its up(conn) and down(conn) into "
+                               f"{path.parent / (diesel['version'].replace('-', '') + '_' + diesel['description'])}.py",
+                               EXIT_USAGE)
+        return DIESEL if diesel and (path / "up.sql").is_file() else ""
     if not path.is_file() or path.suffix not in (".sql", ".py"):
         return ""
+    if path.suffix == ".py" and MIGRATION_FILE.fullmatch(path.name):
+        return PYTHON
     return PAIRED if PAIRED_FILE.fullmatch(path.name) else PLAIN
 
 
@@ -613,8 +627,10 @@ def folder_layout(folder: Path) -> tuple[str, list[Path]]:
         layout = layout_of(path)
         if not layout:
             continue
-        first.setdefault(layout, path)
         entries.append(path)
+        if layout == PYTHON:
+            continue
+        first.setdefault(layout, path)
         if len(first) > 1:
             (one, a), (other, b) = first.items()
             raise CommandError(f"{folder} mixes two migration layouts: {a.name} ({LAYOUT_NAMES[one]}) "
@@ -1910,12 +1926,10 @@ def new_migration_files(folder: Path, description: str,
     if not slug:
         raise CommandError(f"'{description}' makes no file name; use letters and digits", EXIT_USAGE)
     layout, entries = folder_layout(folder) if folder.is_dir() else (PLAIN, [])
-    if python and layout != PLAIN:
-        raise CommandError(f"{folder} holds {LAYOUT_NAMES[layout]}; Python migrations are written "
-                           f"in this tool's own layout only", EXIT_USAGE)
-    names = [version_text(path) for path in entries]
-    names = [name for name in names if name]
-    existing = [int(name.replace("-", "")) for name in names] + \
+    every = [name for name in (version_text(path) for path in entries) if name]
+    names = [version_text(path) for path in entries if layout == PLAIN or layout_of(path) != PYTHON]
+    names = [name for name in names if name]       # the layout's own names set the width
+    existing = [int(name.replace("-", "")) for name in every] + \
         [e["version"] for e in MIGRATIONS if isinstance(e, dict) and isinstance(e.get("version"), int)]
     if existing and all(len(str(v)) == 14 for v in existing):
         version = max(int(time.strftime("%Y%m%d%H%M%S", time.gmtime())), max(existing) + 1)
@@ -1925,15 +1939,16 @@ def new_migration_files(folder: Path, description: str,
     number = f"{version:0{width}d}"
     if layout == DIESEL and "-" in names[-1] and len(number) == 14:
         number = f"{number[:4]}-{number[4:6]}-{number[6:8]}-{number[8:]}"
-    if layout == PAIRED:
+    if layout == PAIRED and not python:
         return version, [(folder / f"{number}_{slug}.up.sql", UP_TEMPLATE.format(description=description)),
                          (folder / f"{number}_{slug}.down.sql",
                           DOWN_TEMPLATE.format(description=description))]
-    if layout == DIESEL:
+    if layout == DIESEL and not python:
         return version, [(folder / f"{number}_{slug}" / "up.sql", UP_TEMPLATE.format(description=description)),
                          (folder / f"{number}_{slug}" / "down.sql",
                           DOWN_TEMPLATE.format(description=description))]
     template = PYTHON_TEMPLATE if python else SQL_TEMPLATE
+    number = number.replace("-", "")        # a Python migration's name: digits, then _description
     return version, [(folder / f"{number}_{slug}.{'py' if python else 'sql'}",
                       template.format(description=description))]
 

@@ -626,13 +626,6 @@ class LayoutRuleTests(RunnerTestCase):
         (self.migrations_dir / "0001-add-a.sql").write_text("CREATE TABLE a (x);", encoding="utf-8")
         self.assertUsageError("0001-add-a.sql", "NNNN_description", "-- migrate:up")
 
-    def test_new_refuses_python_in_another_runners_layout(self) -> None:
-        (self.migrations_dir / "0001_a.up.sql").write_text("CREATE TABLE a (x);", encoding="utf-8")
-        code, out, err = self.cli("new", "backfill", "--python")
-        self.assertEqual(code, 2, err)
-        self.assertIn("Python", err)
-        self.assertEqual(sorted(p.name for p in self.migrations_dir.iterdir()), ["0001_a.up.sql"])
-
     def test_a_database_without_any_runners_table_points_to_baseline(self) -> None:
         (self.migrations_dir / "0001_a.sql").write_text("CREATE TABLE a (x);", encoding="utf-8")
         with closing(sqlite3.connect(self.db())) as conn:

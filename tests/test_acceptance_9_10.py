@@ -1,0 +1,85 @@
+"""Fixes after the acceptance test of issues 9 and 10: Python migrations in other runners'
+layouts, dbmate's empty migration, one-line messages, half-migrated and newer-SQLite
+databases, file owners, planted files in backup folders, and smaller edges."""
+
+from __future__ import annotations
+
+import sqlite3
+import unittest
+from contextlib import closing
+
+from tests.support import ProjectTestCase, database_migration, query
+
+BACKFILL = '''"""backfill"""
+
+def up(conn):
+    conn.execute("INSERT INTO a (x) VALUES (7)")
+
+
+def down(conn):
+    conn.execute("DELETE FROM a WHERE x = 7")
+'''
+
+
+class PythonMigrationsInEveryLayoutTest(ProjectTestCase):
+    migrations = {}
+
+    def cli(self, *argv: str) -> tuple[int, str, str]:
+        return self.run_cli(database_migration, *argv)
+
+    def test_a_python_migration_beside_golang_migrate_files_runs_in_version_order(self) -> None:
+        self.write_migration("000001_a.up.sql", "CREATE TABLE a (x);")
+        self.write_migration("000001_a.down.sql", "DROP TABLE a;")
+        self.write_migration("000002_backfill.py", BACKFILL)
+        self.write_migration("000003_b.up.sql", "CREATE TABLE b (y);")
+        code, _, err = self.migrate("dev", "--create")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(query(self.db(), "SELECT x FROM a"), [(7,)])
+        self.assertEqual(query(self.db(), "SELECT version FROM schema_migrations ORDER BY version"),
+                         [(1,), (2,), (3,)])
+
+    def test_a_top_level_python_migration_in_a_diesel_folder_runs(self) -> None:
+        (self.migrations_dir / "2024-01-01-000000_a").mkdir()
+        self.write_migration("2024-01-01-000000_a/up.sql", "CREATE TABLE a (x);")
+        self.write_migration("20240101000001_data.py", BACKFILL)
+        code, _, err = self.migrate("dev", "--create")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(query(self.db(), "SELECT x FROM a"), [(7,)])
+
+    def test_up_py_inside_a_diesel_migration_folder_is_refused_naming_where_it_goes(self) -> None:
+        (self.migrations_dir / "2024-01-01-000000_a").mkdir()
+        self.write_migration("2024-01-01-000000_a/up.sql", "CREATE TABLE a (x);")
+        (self.migrations_dir / "2024-01-02-000000_data").mkdir()
+        self.write_migration("2024-01-02-000000_data/up.py", BACKFILL)
+        code, out, err = self.cli("status")
+        self.assertEqual(code, 2, err)
+        self.assertIn("up.py", err)
+        self.assertIn("20240102000000_data.py", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_new_python_writes_a_top_level_file_in_each_runners_layout(self) -> None:
+        cases = {
+            "golang-migrate": (("000001_a.up.sql", "CREATE TABLE a (x);"),),
+            "Diesel": (("2024-01-01-000000_a/up.sql", "CREATE TABLE a (x);"),),
+        }
+        expected = {"golang-migrate": "000002_backfill.py", "Diesel": "*_backfill.py"}
+        for case, files in cases.items():
+            with self.subTest(case=case):
+                for name, text in files:
+                    (self.migrations_dir / name).parent.mkdir(exist_ok=True)
+                    self.write_migration(name, text)
+                code, out, err = self.cli("new", "backfill", "--python")
+                self.assertEqual(code, 0, err)
+                written = [p.name for p in self.migrations_dir.glob(expected[case])]
+                self.assertEqual(len(written), 1, sorted(p.name for p in self.migrations_dir.iterdir()))
+                self.assertRegex(written[0], r"^\d{6}_backfill\.py$|^\d{14}_backfill\.py$")
+                code, out, err = self.cli("status")
+                self.assertEqual(code, 2, err)       # the template has no up() yet
+                self.assertIn(written[0], err)
+                self.assertNotIn("mixes", err)
+                for path in sorted(self.migrations_dir.rglob("*"), reverse=True):
+                    path.rmdir() if path.is_dir() else path.unlink()
+
+
+if __name__ == "__main__":
+    unittest.main()
