@@ -514,7 +514,10 @@ def build_migration(version, description, up, down, source: str, allow_empty: bo
     up_statements = statements_of(up, where, "up")
     down_statements = statements_of(down, where, "down")
     if not up_statements and not extra.get("python") and not allow_empty and not has_text(up):
-        raise CommandError(f"{where}: the up part is empty; write its SQL", EXIT_USAGE)
+        raise CommandError(f"{where}: the up part is empty; write its SQL, or, if it is meant to "
+                           f"do nothing (e.g. dbmate already applied it as a no-op), put a comment "
+                           f"line such as '-- no-op' under '-- migrate:up' (a comment-only up part "
+                           f"is a no-op with the same checksum as an empty one)", EXIT_USAGE)
     for part, parts in (("up", up), ("down", down)):
         if UNFILLED in text_of(parts):
             raise CommandError(f"{where}: the {part} part still holds the line 'new' wrote; write "

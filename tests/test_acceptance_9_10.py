@@ -4,6 +4,7 @@ databases, file owners, planted files in backup folders, and smaller edges."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import unittest
 from contextlib import closing
@@ -79,6 +80,31 @@ class PythonMigrationsInEveryLayoutTest(ProjectTestCase):
                 self.assertNotIn("mixes", err)
                 for path in sorted(self.migrations_dir.rglob("*"), reverse=True):
                     path.rmdir() if path.is_dir() else path.unlink()
+
+
+class DbmateEmptyMigrationTest(ProjectTestCase):
+    migrations = {}
+
+    def test_an_empty_dbmate_migration_says_how_to_keep_it_and_a_comment_adopts_it(self) -> None:
+        self.write_migration("20240101000000_a.sql", "-- migrate:up\nCREATE TABLE a (x);\n-- migrate:down\n")
+        empty = self.write_migration("20240102000000_nothing.sql", "-- migrate:up\n\n-- migrate:down\n")
+        with closing(sqlite3.connect(self.db())) as conn:    # as dbmate left it
+            conn.execute("CREATE TABLE a (x)")
+            conn.execute('create table "schema_migrations" (version varchar(128) primary key)')
+            conn.executemany('insert into "schema_migrations" (version) values (?)',
+                             [("20240101000000",), ("20240102000000",)])
+            conn.commit()
+        for argv in (("status",), ("adopt", "dev")):
+            code, out, err = self.run_cli(database_migration, *argv)
+            self.assertEqual(code, 2, out + err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn("up part is empty", err)
+            self.assertIn("'-- no-op' under '-- migrate:up'", err)
+        empty.write_text("-- migrate:up\n-- no-op\n-- migrate:down\n", encoding="utf-8")
+        code, out, err = self.run_cli(database_migration, "adopt", "dev")
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(query(self.db(), "SELECT checksum FROM schema_migrations WHERE version = 20240102000000"),
+                         [(hashlib.sha256(b"").hexdigest(),)])
 
 
 if __name__ == "__main__":
