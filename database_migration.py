@@ -48,7 +48,8 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERS
                             Backup, CommandError, Instance, Progress, Table, add_backup_command,
                             add_command, audited, backup_time, backup_with_retention, confirm,
                             connect, describe_error, describe_table, emergency_step, emit,
-                            empty_fleets, find_config, fsync_path, get_instance, hold_interrupts,
+                            empty_fleets, find_config, first_problem, fsync_path, get_instance,
+                            hold_interrupts,
                             instance_lock, integrity_problems, is_busy, list_backups,
                             load_instances, locked_message, make_folders, make_private_folder,
                             missing_database, newest_verified, open_private, open_readonly,
@@ -1180,7 +1181,7 @@ def refuse_unsafe(state: State) -> None:
                            f"have (migrated by newer code?); nothing changed")
     failed = [p for p in state.problems if p.startswith("quick_check")]
     if failed:
-        raise CommandError(f"{name}: {one_line(failed[0])}; the database is damaged; nothing "
+        raise CommandError(f"{name}: {one_line(failed[0], state.instance)}; the database is damaged; nothing "
                            f"changed; {emergency_step(state.instance)}")
     if state.untracked:
         raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; "
@@ -2214,17 +2215,15 @@ def iso_seconds(text: str) -> float | None:
 
 def damaged(state: State) -> str:
     """What status says of a database that failed its quick_check."""
-    return (f"damaged: {one_line(state.damage).removeprefix('quick_check: ')}; "
+    return (f"damaged: {one_line(state.damage, state.instance).removeprefix('quick_check: ')}; "
             f"{emergency_step(state.instance)}")
 
 
-def one_line(problem: str) -> str:
+def one_line(problem: str, instance: Instance) -> str:
     """quick_check's report of a damaged page, which spans lines, as one line of a message."""
     prefix = "quick_check: " if problem.startswith("quick_check: ") else ""
-    lines = [line.strip() for line in problem[len(prefix):].splitlines()
-             if line.strip() and not line.strip().startswith("*** in database")]
-    return prefix + (lines[0] if lines else problem.strip()) + \
-        (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
+    lister = f"{tool_command('safe_db_update.py')} check {instance.name}"
+    return prefix + first_problem([problem[len(prefix):]], lister)
 
 
 def format_empty_fleets(fleets: list[tuple[str, Path]]) -> list[str]:

@@ -497,6 +497,17 @@ def signs_of_a_lost_database(instance: Instance) -> list[str]:
     return signs
 
 
+def first_problem(problems: list[str], lister: str) -> str:
+    """An integrity report, whose rows span lines, as one line of a message: the first
+    problem, then how many more and the command that lists them all."""
+    prefix = re.match(r"[a-z_ ]+: (?=\*\*\* in database)", problems[0]) if problems else None
+    prefix = prefix.group() if prefix else ""
+    lines = [line.strip() for problem in problems for line in problem.removeprefix(prefix).splitlines()
+             if line.strip() and not line.strip().startswith("*** in database")]
+    first = prefix + (lines[0] if lines else "".join(problems).strip())
+    return first + (f" (and {len(lines) - 1} more: '{lister}' lists them all)" if len(lines) > 1 else "")
+
+
 def emergency_step(instance: Instance) -> str:
     """The emergency procedure for a damaged database, by its commands."""
     tool = tool_command("safe_db_update.py")
@@ -2028,8 +2039,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         with instance_lock(instance, "restore"):
             problems = verify_backup(backup)    # under the lock: no prune can remove it now
             if problems:
+                lister = f"{tool_command('safe_db_update.py')} verify {instance.name} {backup.path.name}"
                 raise CommandError(f"{instance.name}: {backup.path} failed verification "
-                                   f"({problems[0]}); nothing restored; choose another with "
+                                   f"({first_problem(problems, lister)}); nothing restored; choose another with "
                                    f"'list-backups {instance.name}'")
             safety, after = restore_backup(instance, backup)
             entry.update(backup=safety and str(safety.path),
@@ -2037,7 +2049,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         entry["version_after"] = backup.schema_version
         kept = f"the replaced contents are in {safety.path}" if safety else "there was no file to keep"
         if after:
-            raise CommandError(f"{instance.name}: integrity check after restore failed: {after[0]}; "
+            lister = f"{tool_command('safe_db_update.py')} check {instance.name}"
+            raise CommandError(f"{instance.name}: integrity check after restore failed: "
+                               f"{first_problem(after, lister)}; "
                                f"{kept}")
     version = "unknown" if backup.schema_version is None else backup.schema_version
     emit(args, f"{instance.name}: restored {backup.path.name} (schema version {version}); {kept}",

@@ -107,5 +107,51 @@ class DbmateEmptyMigrationTest(ProjectTestCase):
                          [(hashlib.sha256(b"").hexdigest(),)])
 
 
+def damage_a_leaf(path) -> None:
+    """Break the payload length of every cell on one table leaf page: integrity_check and
+    quick_check then report over a dozen problems in one multi-line row."""
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, x)")
+        conn.executemany("INSERT INTO big (x) VALUES (?)", [("n" * 300,) for _ in range(2000)])
+        conn.commit()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    data = bytearray(path.read_bytes())
+    pages = len(data) // page_size
+    for page in range(pages // 2, pages):
+        start = page * page_size
+        if data[start] == 0x0D:
+            for cell in range(int.from_bytes(data[start + 3:start + 5], "big")):
+                pointer = int.from_bytes(data[start + 8 + 2 * cell:start + 10 + 2 * cell], "big")
+                data[start + pointer] = 0x7F
+            break
+    path.write_bytes(bytes(data))
+
+
+class OneLineDamageTest(ProjectTestCase):
+
+    def error_lines(self, result) -> list[str]:
+        self.assertNotIn("Traceback", result.stderr)
+        return result.stderr.strip().splitlines()
+
+    def test_a_damaged_page_is_one_line_naming_the_command_that_lists_every_problem(self) -> None:
+        self.create()
+        damage_a_leaf(self.db())
+        for argv in (("migrate", "dev", "-y"), ("migrate", "dev", "--dry-run")):
+            with self.subTest(argv=argv):
+                result = self.run_script("database_migration.py", *argv)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                lines = self.error_lines(result)
+                self.assertEqual(len(lines), 1, result.stderr)
+                self.assertRegex(lines[0], r"\(and \d+ more: 'safe_db_update.py check dev' lists them all\)")
+        self.assertEqual(self.run_script("safe_db_update.py", "backup", "dev").returncode, 1)
+        unverified = self.backups()[0]
+        result = self.run_script("safe_db_update.py", "restore", "dev", str(unverified), "-y")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = self.error_lines(result)
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn("lists them all", lines[0])
+        self.assertIn(f"'safe_db_update.py verify dev {unverified.name}'", lines[0])
+
+
 if __name__ == "__main__":
     unittest.main()
