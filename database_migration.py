@@ -70,6 +70,7 @@ PAIRED_FILE = re.compile(r"(?P<version>\d+)_(?P<description>.+)\.(?P<part>up|dow
 DIESEL_FOLDER = re.compile(r"(?P<version>\d[\d-]*)_(?P<description>.+)")
 PLAIN, PAIRED, DIESEL = "plain", "paired", "Diesel"
 PYTHON = "Python"       # NNNN_description.py: at the top level of any layout's folder
+HALF_MIGRATED = "half-migrated by"      # how an untracked reason starts when a runner stopped half-way
 LAYOUT_NAMES = {
     PLAIN: "one NNNN_description.sql file per migration (this tool, dbmate, sqlx)",
     PAIRED: "NNNN_description.up.sql with .down.sql (golang-migrate, sqlx)",
@@ -867,6 +868,10 @@ def untracked_reason(conn: sqlite3.Connection, applied: list[Applied], runner: R
     it, or it holds tables of its own but no recorded migration, so it was made without
     this tool."""
     if runner is not None:
+        version = half_migrated(conn, runner)
+        if version is not None:
+            return (f"{HALF_MIGRATED} {runner.name}: its {runner.table} has {runner.half_done} "
+                    f"for version {version}")
         return f"built by {runner.name} (its {runner.table} table) and not adopted yet"
     if applied:
         return ""
@@ -877,8 +882,27 @@ def untracked_reason(conn: sqlite3.Connection, applied: list[Applied], runner: R
     return f"it holds tables of its own ({shown}) but no recorded migration"
 
 
-def untracked_step(name: str, runner: Runner | None) -> str:
-    """What takes over an untracked database: adopt for another runner's, else baseline."""
+def half_migrated(conn: sqlite3.Connection, runner: Runner) -> int | None:
+    """The first version the runner left half-done (a run that stopped half-way), if any."""
+    if not runner.half_done:
+        return None
+    row = conn.execute(f"SELECT version FROM {runner.table} WHERE {runner.half_done} "
+                       f"ORDER BY version").fetchone()
+    return None if row is None else row[0]
+
+
+def half_migrated_step(name: str, runner: Runner) -> str:
+    """What to do with a database another runner left half-migrated (adopt refuses it)."""
+    tool = tool_command("safe_db_update.py")
+    return (f"restore the backup taken before that run ('{tool} list-backups {name}', then "
+            f"'{tool} restore {name} FILE'), or repair it with {runner.name}, then adopt")
+
+
+def untracked_step(name: str, runner: Runner | None, reason: str = "") -> str:
+    """What takes over an untracked database: adopt for another runner's, else baseline;
+    restore first for one another runner left half-migrated."""
+    if runner is not None and reason.startswith(HALF_MIGRATED):
+        return half_migrated_step(name, runner)
     if runner is not None:
         return f"run 'adopt {name}', which records what {runner.name} applied"
     return f"if its schema is that of migration V, record it with 'baseline {name} --to V'"
@@ -899,7 +923,7 @@ def compare(instance: Instance, migrations: list[Migration], applied: list[Appli
                  for v in unknown]
     problems += [f"drift: {line}" for line in drift]
     if untracked:
-        problems.append(f"untracked: {untracked}; {untracked_step(instance.name, runner)}")
+        problems.append(f"untracked: {untracked}; {untracked_step(instance.name, runner, untracked)}")
     return State(instance=instance, exists=True,
                  current_version=max(done, default=0),
                  latest_version=max(known, default=0), applied=tuple(applied),
@@ -1185,7 +1209,8 @@ def refuse_unsafe(state: State) -> None:
                            f"changed; {emergency_step(state.instance)}")
     if state.untracked:
         raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; "
-                           f"{untracked_step(name, state.runner)}, then migrate")
+                           f"{untracked_step(name, state.runner, state.untracked)}"
+                           + ("" if state.untracked.startswith(HALF_MIGRATED) else ", then migrate"))
 
 
 def plan_migrate(state: State, target: int | None, create: bool = False,
@@ -1834,16 +1859,12 @@ def untracked_or_ours(conn: sqlite3.Connection, instance: Instance) -> Adoption:
 def read_runner_rows(conn: sqlite3.Connection, instance: Instance,
                      runner: Runner) -> dict[int, tuple[str | None, int | None]]:
     """{version: (applied_at, execution_ms)} as the runner recorded them; a half-done run is refused."""
-    if runner.half_done:
-        half_done = conn.execute(f"SELECT version FROM {runner.table} WHERE {runner.half_done} "
-                                 f"ORDER BY version").fetchall()
-        if half_done:
-            raise CommandError(
-                f"{instance.name}: {runner.name} left this database half-migrated: its "
-                f"{runner.table} has {runner.half_done} for version {half_done[0][0]}; nothing "
-                f"changed (--force does not change this); restore the backup taken before that "
-                f"run ('safe_db_update.py list-backups {instance.name}', then 'safe_db_update.py "
-                f"restore {instance.name} FILE'), or repair it with {runner.name}, then adopt")
+    version = half_migrated(conn, runner)
+    if version is not None:
+        raise CommandError(
+            f"{instance.name}: {runner.name} left this database half-migrated: its "
+            f"{runner.table} has {runner.half_done} for version {version}; nothing "
+            f"changed (--force does not change this); {half_migrated_step(instance.name, runner)}")
     rows = {}
     for version, applied_at, execution_ms in conn.execute(runner.versions_sql).fetchall():
         text = str(version).strip()
@@ -2142,6 +2163,8 @@ def status_as_json(state: State, last_backup: str | None) -> dict:
             "last_backup": last_backup,
             **({"error": state.error or damaged(state)} if state.state == "error" else {}),
             **({"runner": state.runner.name} if state.runner else {}),
+            **({"half_migrated": f"{state.untracked}; {half_migrated_step(state.instance.name, state.runner)}"}
+               if state.runner and state.untracked.startswith(HALF_MIGRATED) else {}),
             **({"same_file_as": same} if same else {})}
 
 
@@ -2239,7 +2262,9 @@ def format_status(rows: list[tuple[State, str | None]], fleets: list[tuple[str, 
         lines.append(f"{state.instance.name:<{width}}  {current:>7}  {state.latest_version:>6}  "
                      f"{len(state.pending):>7}  {state.state:<10}  {age(last)}"
                      + (f"  ({state.error or damaged(state)})" if state.state == "error" else "")
-                     + (f"  (built by {state.runner.name}: run 'adopt {state.instance.name}')"
+                     + (f"  ({state.untracked}; {half_migrated_step(state.instance.name, state.runner)})"
+                        if state.runner and state.untracked.startswith(HALF_MIGRATED) else
+                        f"  (built by {state.runner.name}: run 'adopt {state.instance.name}')"
                         if state.runner else "")
                      + (f"  (same file as {', '.join(state.instance.same_file_as)}: write "
                         f"commands refuse it)" if state.instance.same_file_as else ""))

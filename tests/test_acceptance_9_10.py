@@ -5,6 +5,7 @@ databases, file owners, planted files in backup folders, and smaller edges."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import unittest
 from contextlib import closing
@@ -151,6 +152,51 @@ class OneLineDamageTest(ProjectTestCase):
         self.assertEqual(len(lines), 1, result.stderr)
         self.assertIn("lists them all", lines[0])
         self.assertIn(f"'safe_db_update.py verify dev {unverified.name}'", lines[0])
+
+
+class HalfMigratedTest(ProjectTestCase):
+    migrations = {}
+    RUNNERS = {
+        "golang-migrate": ("CREATE TABLE schema_migrations (version uint64,dirty bool)",
+                           "INSERT INTO schema_migrations (version, dirty) VALUES (2, 1)"),
+        "sqlx": ("CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, "
+                 "installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, "
+                 "checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
+                 "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) "
+                 "VALUES (1, 'a', TRUE, x'00', 5), (2, 'b', FALSE, x'00', -1)"),
+    }
+
+    def test_every_command_says_half_migrated_and_points_to_restore(self) -> None:
+        self.write_migration("0001_a.up.sql", "CREATE TABLE a (x);")
+        self.write_migration("0001_a.down.sql", "DROP TABLE a;")
+        self.write_migration("0002_b.up.sql", "CREATE TABLE b (x);")
+        restore = "restore the backup taken before that run ('safe_db_update.py list-backups dev'"
+        for runner, (table, row) in self.RUNNERS.items():
+            with self.subTest(runner=runner):
+                self.db().unlink(missing_ok=True)
+                with closing(sqlite3.connect(self.db())) as conn:
+                    conn.execute("CREATE TABLE a (x)")
+                    conn.execute(table)
+                    conn.execute(row)
+                    conn.commit()
+                before = self.db().read_bytes()
+                code, out, err = self.run_cli(database_migration, "status", "dev")
+                self.assertEqual(code, 0, err)
+                self.assertIn(f"half-migrated by {runner}", out)
+                self.assertIn(restore, out)
+                code, out, err = self.run_cli(database_migration, "status", "dev", "--json")
+                entry = json.loads(out)["instances"][0]
+                self.assertEqual((entry["state"], entry["runner"]), ("untracked", runner))
+                self.assertIn(f"half-migrated by {runner}", entry["half_migrated"])
+                self.assertIn(restore, entry["half_migrated"])
+                for argv in (("check", "dev"), ("migrate", "dev", "-y"), ("rollback", "dev", "--to", "1", "-y")):
+                    code, out, err = self.run_cli(database_migration, *argv)
+                    self.assertEqual(code, 1, out + err)
+                    text = out + err
+                    self.assertIn(f"half-migrated by {runner}", text)
+                    self.assertIn(restore, text)
+                    self.assertNotIn("run 'adopt dev'", text)
+                self.assertEqual(self.db().read_bytes(), before)
 
 
 if __name__ == "__main__":
