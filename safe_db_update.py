@@ -562,9 +562,23 @@ def is_wal(path: Path, header: bytes | None = None) -> bool:
 
 
 def open_readonly(instance: Instance) -> sqlite3.Connection:
-    """A connection that cannot write, so a typo never creates or changes a database."""
+    """A connection that cannot write, so a typo never creates or changes a database.
+
+    A schema written by a newer SQLite is refused here, for every command that reads,
+    in the words backup and restore use (refuse_newer_schema): it is not damage.
+    """
     header = require_database(instance)
-    return open_path(instance.path, instance.busy_timeout, readonly=True, header=header)
+    conn = open_path(instance.path, instance.busy_timeout, readonly=True, header=header)
+    try:
+        refuse_newer_schema(instance, conn)
+    except sqlite3.Error as exc:
+        if is_busy(exc):            # the caller's reads would wait again: say it now
+            conn.close()
+            raise
+    except CommandError:
+        conn.close()
+        raise
+    return conn
 
 
 @contextmanager
@@ -1324,8 +1338,9 @@ def verify_backup(backup: Backup) -> list[str]:
 def readable(instance: Instance) -> bool:
     """Can SQLite open the file? A busy database, or a schema written by a newer SQLite,
     is an error, never 'unreadable': neither may be replaced as damaged."""
-    try:
-        conn = open_readonly(instance)
+    try:        # not open_readonly: its refusal of a newer schema is not 'unreadable'
+        conn = open_path(instance.path, instance.busy_timeout, readonly=True,
+                         header=require_database(instance))
     except (CommandError, sqlite3.Error):
         return False
     with closing(conn):

@@ -199,5 +199,29 @@ class HalfMigratedTest(ProjectTestCase):
                 self.assertEqual(self.db().read_bytes(), before)
 
 
+class NewerSqliteEverywhereTest(ProjectTestCase):
+
+    def test_every_reading_command_says_newer_sqlite_not_damage(self) -> None:
+        live = self.create()
+        with closing(sqlite3.connect(live, isolation_level=None)) as conn:
+            conn.execute("PRAGMA writable_schema = ON")      # as a newer SQLite's view would read here
+            conn.execute("INSERT INTO sqlite_master VALUES ('view', 'recent', 'recent', 0, "
+                         "'CREATE VIEW recent AS SELECT id FROM user FETCH FIRST 3 ROWS ONLY')")
+        before = live.read_bytes()
+        for script, argv in (("safe_db_update.py", ("check", "dev")), ("safe_db_update.py", ("info", "dev")),
+                             ("database_migration.py", ("status",)),
+                             ("database_migration.py", ("check", "dev")),
+                             ("database_migration.py", ("migrate", "dev", "-y"))):
+            with self.subTest(argv=argv):
+                result = self.run_script(script, *argv)
+                self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+                text = result.stdout + result.stderr
+                self.assertIn(f"this SQLite ({sqlite3.sqlite_version}) cannot read the schema", text)
+                self.assertIn("written by a newer SQLite and is not damaged", text)
+                self.assertNotIn("integrity_check failed", text)
+                self.assertNotIn("Traceback", text)
+        self.assertEqual(live.read_bytes(), before)
+
+
 if __name__ == "__main__":
     unittest.main()
