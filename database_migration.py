@@ -50,7 +50,8 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERS
                             connect, describe_error, describe_table, emergency_step, emit,
                             empty_fleets, find_config, first_problem, fsync_path, get_instance,
                             hold_interrupts,
-                            instance_lock, integrity_problems, is_busy, list_backups,
+                            instance_lock, integrity_problems, is_busy, keep_owner_and_mode,
+                            list_backups,
                             load_instances, locked_message, make_folders, make_private_folder,
                             missing_database, newest_verified, open_private, open_readonly,
                             program, progress_line, read_config, read_history, require_database,
@@ -2101,7 +2102,11 @@ def create_database(instance: Instance, migrations: list[Migration], plan: Plan,
     try:
         make_folders(path.parent)
         remove_killed_drafts(path)
-        os.close(os.open(draft, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # private
+        fd = os.open(draft, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)     # private
+        try:
+            keep_owner_and_mode(instance, fd, None)     # as root: the folder's owner, as restore does
+        finally:
+            os.close(fd)
         with closing(sqlite3.connect(draft, isolation_level=None)) as conn:
             applied = apply_plan(conn, plan, migrations, audit=entry, progress=progress)
         if entry.get("new_empty_database"):

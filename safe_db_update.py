@@ -1503,7 +1503,8 @@ def replace_file(instance: Instance, backup: Backup) -> list[str]:
 
 
 def keep_owner_and_mode(instance: Instance, fd: int, like: os.stat_result | None) -> None:
-    """Give the new file the replaced file's owner and mode; 0600 where there was none."""
+    """Give the new file the replaced file's owner and mode; 0600 where there was none,
+    owned (when run as root) by the folder's owner. restore and migrate --create share it."""
     if like is None:
         os.fchmod(fd, 0o600)
         if hasattr(os, "geteuid") and os.geteuid() == 0:    # root: the application's folder

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import stat
 import unittest
 from contextlib import closing
+from pathlib import Path
 
 from tests.support import ProjectTestCase, database_migration, query
 
@@ -221,6 +224,27 @@ class NewerSqliteEverywhereTest(ProjectTestCase):
                 self.assertNotIn("integrity_check failed", text)
                 self.assertNotIn("Traceback", text)
         self.assertEqual(live.read_bytes(), before)
+
+
+@unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to own files as another user")
+class CreateAsRootTest(ProjectTestCase):
+    APP_USER = 65534                    # nobody
+
+    def test_create_and_new_empty_database_as_root_give_the_file_to_the_folders_owner(self) -> None:
+        folder = self.root / "instance"
+        os.chown(folder, self.APP_USER, self.APP_USER)
+        code, _, err = self.migrate("dev", "--create")
+        self.assertEqual(code, 0, err)
+        info = self.db().stat()
+        self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)),
+                         (self.APP_USER, self.APP_USER, 0o600))
+        self.assertEqual(query(self.db(), "SELECT COUNT(*) FROM schema_migrations"), [(2,)])
+        self.db().unlink()
+        Path(f"{self.db()}-wal").write_bytes(b"left by a deleted database")
+        code, _, err = self.migrate("dev", "--create", "--new-empty-database", "-y")
+        self.assertEqual(code, 0, err)
+        info = self.db().stat()
+        self.assertEqual((info.st_uid, stat.S_IMODE(info.st_mode)), (self.APP_USER, 0o600))
 
 
 if __name__ == "__main__":
