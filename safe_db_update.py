@@ -745,17 +745,41 @@ def make_private_folder(instance: Instance, folder: Path) -> None:
                            + (f" ({exc.filename})" if exc.filename else "")) from exc
 
 
-def check_private(folder: Path, info: os.stat_result) -> None:
+def check_private(folder: Path, info: os.stat_result, doing: str = "write there") -> None:
     """Refuse a folder another user owns or can write to (a sticky one like /tmp is fine)."""
     if not stat.S_ISDIR(info.st_mode):
         raise CommandError(f"{folder} is not a folder; backups must live in a real folder")
     if hasattr(os, "geteuid") and info.st_uid not in (os.geteuid(), 0):
         raise CommandError(f"{folder} belongs to another user ({owner_name(info.st_uid)}); "
-                           f"refusing to write there; remove it or run as its owner")
+                           f"refusing to {doing}; remove it or run as its owner")
     if writable_by_others(info):
         raise CommandError(f"{folder} can be written by other users (mode "
-                           f"{stat.S_IMODE(info.st_mode):04o}); refusing to write there; "
+                           f"{stat.S_IMODE(info.st_mode):04o}); refusing to {doing}; "
                            f"make it private: chmod 700 {folder}")
+
+
+def trusted_folder(instance: Instance, folder: Path) -> bool:
+    """For commands that only read: whether one of the instance's folders exists, after
+    vouching for it as make_private_folder does (nothing made or changed). A folder the
+    write commands would refuse is refused here too, so that files another user
+    planted there (a link to a file only root may read) are never read out."""
+    try:
+        if not os.path.lexists(folder):
+            return False
+        check_private(instance.backup_dir, os.stat(instance.backup_dir), "read from there")
+        level = instance.backup_dir
+        for part in folder.relative_to(instance.backup_dir).parts:
+            level = level / part
+            info = os.lstat(level)
+            if stat.S_ISLNK(info.st_mode):
+                raise CommandError(f"{level} is a symbolic link; backups must live in a real folder; "
+                                   f"refusing to read from there")
+            check_private(level, info, "read from there")
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise CommandError(f"cannot read folder {folder}: {describe_error(exc)}") from exc
+    return True
 
 
 def writable_by_others(info: os.stat_result) -> bool:
@@ -1229,7 +1253,7 @@ def list_backups(instance: Instance) -> list[Backup]:
     """Every backup file in the folder, newest first; one without a readable manifest is
     listed too, as an unverified copy (has_manifest False)."""
     folder = instance.backup_folder
-    if not folder.is_dir():
+    if not trusted_folder(instance, folder):
         return []
     found = []
     for entry in os.scandir(folder):
@@ -1769,10 +1793,22 @@ def read_history(instance: Instance) -> tuple[list[dict], list[int]]:
     """The entries of history.jsonl (in today's keys: current_keys), and the numbers of
     the lines that are not one."""
     path = instance.home / "history.jsonl"
-    if not path.is_file():
+    if not trusted_folder(instance, instance.home):
         return [], []
+    try:        # never through a link another user put there
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CommandError(f"{path} is a symbolic link; the tool never reads the audit trail "
+                               f"through one; remove it") from exc
+        raise CommandError(f"cannot read {path}: {describe_error(exc)}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CommandError(f"{path} is not a regular file; remove it")
     entries, unreadable = [], []
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(fd, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -13,7 +13,7 @@ import unittest
 from contextlib import closing
 from pathlib import Path
 
-from tests.support import ProjectTestCase, database_migration, query
+from tests.support import ProjectTestCase, database_migration, query, safe_db_update
 
 BACKFILL = '''"""backfill"""
 
@@ -245,6 +245,48 @@ class CreateAsRootTest(ProjectTestCase):
         self.assertEqual(code, 0, err)
         info = self.db().stat()
         self.assertEqual((info.st_uid, stat.S_IMODE(info.st_mode)), (self.APP_USER, 0o600))
+
+
+class PlantedFilesTest(ProjectTestCase):
+    SECRET = "root-only secret line"
+
+    def plant(self, owner: int | None) -> Path:
+        """backups/prod/ (owned by owner) holding history.jsonl, a link to a root-only file."""
+        secret = self.root / "secret.jsonl"
+        secret.write_text(json.dumps({"operation": "backup", "outcome": self.SECRET}) + "\n",
+                          encoding="utf-8")
+        secret.chmod(0o600)
+        home = self.root / "backups" / "prod"
+        (home / "database").mkdir(parents=True, mode=0o700)
+        (self.root / "backups").chmod(0o700)
+        (home / "history.jsonl").symlink_to(secret)
+        if owner is not None:
+            for folder in (home, home / "database"):
+                os.chown(folder, owner, owner)
+        return home
+
+    def assertRefusedWithoutTheSecret(self, module, *argv: str) -> None:
+        code, out, err = self.run_cli(module, *argv)
+        self.assertIn(code, (1, 2), out + err)
+        self.assertNotIn(self.SECRET, out + err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_history_never_follows_a_link_planted_as_the_audit_trail(self) -> None:
+        self.plant(owner=None)
+        self.assertRefusedWithoutTheSecret(database_migration, "history", "prod")
+        result = self.run_script("database_migration.py", "history", "prod")
+        self.assertNotIn(self.SECRET, result.stdout + result.stderr)
+        self.assertIn("symbolic link", result.stderr)
+        self.assertEqual(result.returncode, 1, result.stderr)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to plant as nobody")
+    def test_reads_refuse_a_backup_folder_another_user_owns(self) -> None:
+        self.plant(owner=65534)
+        self.assertRefusedWithoutTheSecret(database_migration, "history", "prod")
+        code, out, err = self.run_cli(safe_db_update, "list-backups", "prod")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("belongs to another user", err)
+        self.assertIn("refusing to read from there", err)
 
 
 if __name__ == "__main__":
