@@ -581,15 +581,20 @@ def open_readonly(instance: Instance) -> sqlite3.Connection:
     return conn
 
 
-@contextmanager
-def instance_lock(instance: Instance, command: str) -> Iterator[None]:
-    """Keep backup, migrate and restore of one instance from overlapping."""
+def refuse_same_file(instance: Instance) -> None:
+    """Write commands refuse a second name for one file first, whatever else they find."""
     if instance.same_file_as:
         others = " and ".join(f"'{n}'" for n in instance.same_file_as)
         raise CommandError(f"{instance.config}: instances '{instance.name}' and {others} are the "
                            f"same file {instance.path}; their locks and backups would not guard "
                            f"each other; remove all but one of them from the registry; nothing "
                            f"done", EXIT_USAGE)
+
+
+@contextmanager
+def instance_lock(instance: Instance, command: str) -> Iterator[None]:
+    """Keep backup, migrate and restore of one instance from overlapping."""
+    refuse_same_file(instance)
     make_private_folder(instance, instance.home)
     lock_path = instance.home / "lock"
     try:
@@ -1741,6 +1746,7 @@ def audited(instance: Instance, command: str, before: int | None = None) -> Iter
                    "backup": None}
     started = time.perf_counter()
     try:
+        refuse_same_file(instance)      # every write command is audited: refused before anything
         yield entry
         entry["outcome"] = "ok"
     except CommandError as exc:
@@ -2144,6 +2150,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     instance = get_instance(args)
     if args.keep is not None and args.keep < 1:
         raise CommandError(f"--keep {args.keep}: keep at least 1 backup", EXIT_USAGE)
+    if not args.dry_run:            # a dry run only reads, as migrate's does
+        refuse_same_file(instance)
     policy = retention_policy(instance, args.keep)
     if policy.last == 0:
         emit(args, f"{instance.name}: keep_backups = 0 keeps every backup; nothing to prune "

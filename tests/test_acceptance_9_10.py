@@ -289,5 +289,27 @@ class PlantedFilesTest(ProjectTestCase):
         self.assertIn("refusing to read from there", err)
 
 
+class AliasFirstTest(ProjectTestCase):
+
+    def test_every_write_command_refuses_a_second_name_first_with_exit_2(self) -> None:
+        self.create("prod")                     # up to date, and no backups yet
+        self.config.write_text("[prod]\npath = instance/prod.db\n\n"
+                               "[alias]\npath = instance/../instance/prod.db\n", encoding="utf-8")
+        before = self.db("prod").read_bytes()
+        for module, argv in ((safe_db_update, ("restore", "alias", "-y")),
+                             (database_migration, ("migrate", "alias")),
+                             (database_migration, ("migrate", "alias", "-y")),
+                             (database_migration, ("rollback", "alias", "--to", "1", "-y")),
+                             (database_migration, ("baseline", "alias", "--to", "2", "-y")),
+                             (database_migration, ("adopt", "alias")),
+                             (safe_db_update, ("prune", "alias", "-y"))):
+            with self.subTest(argv=argv):
+                code, out, err = self.run_cli(module, *argv)
+                self.assertEqual(code, 2, out + err)
+                self.assertIn("same file", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(self.db("prod").read_bytes(), before)
+
+
 if __name__ == "__main__":
     unittest.main()
