@@ -353,7 +353,8 @@ def section_settings(config: Path, section: configparser.SectionProxy) -> tuple[
                            f"(at most 64)", EXIT_USAGE)
     unknown = set(section) - KNOWN_KEYS
     if unknown:
-        raise CommandError(f"{where}: unknown key '{sorted(unknown)[0]}' "
+        raise CommandError(f"{written_in(where, section, sorted(unknown)[0])}: unknown key "
+                           f"'{sorted(unknown)[0]}' "
                            f"(known keys: {', '.join(sorted(KNOWN_KEYS))})", EXIT_USAGE)
     raw_path = section.get("path", "").strip()
     if not raw_path:
@@ -386,13 +387,22 @@ def resolve(base: Path, value: str) -> Path:
     return Path(os.path.abspath(base / os.path.expanduser(value.strip())))
 
 
+def written_in(where: str, section: configparser.SectionProxy, key: str) -> str:
+    """How a message names the section a key is written in: [DEFAULT] when the section
+    takes the value from there."""
+    defaults = section.parser.defaults()
+    if key in defaults and section.get(key, raw=True) == defaults[key]:
+        return where.removesuffix(f"[{section.name}]") + "[DEFAULT]"
+    return where
+
+
 def whole_number(section: configparser.SectionProxy, key: str, where: str) -> int:
     try:
         value = int(section[key])
     except ValueError:
         value = -1
     if value < 0:
-        raise CommandError(f"{where}: {key} must be a whole number, 0 or more", EXIT_USAGE)
+        raise CommandError(f"{written_in(where, section, key)}: {key} must be a whole number, 0 or more", EXIT_USAGE)
     return value
 
 
@@ -402,7 +412,7 @@ def seconds(section: configparser.SectionProxy, where: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value < 86400:
-        raise CommandError(f"{where}: busy_timeout must be a number of seconds", EXIT_USAGE)
+        raise CommandError(f"{written_in(where, section, 'busy_timeout')}: busy_timeout must be a number of seconds", EXIT_USAGE)
     return value
 
 
@@ -410,7 +420,8 @@ def flag(section: configparser.SectionProxy, where: str) -> bool:
     try:
         return section.getboolean("protected")
     except ValueError as exc:
-        raise CommandError(f"{where}: protected must be yes or no", EXIT_USAGE) from exc
+        raise CommandError(f"{written_in(where, section, 'protected')}: protected must be yes or no",
+                           EXIT_USAGE) from exc
 
 
 def select_instances(instances: list[Instance], name: str, config: Path) -> list[Instance]:

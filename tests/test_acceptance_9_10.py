@@ -311,5 +311,21 @@ class AliasFirstTest(ProjectTestCase):
         self.assertEqual(self.db("prod").read_bytes(), before)
 
 
+class DefaultSectionNamedTest(ProjectTestCase):
+
+    def test_a_bad_value_written_in_default_is_reported_under_default(self) -> None:
+        for key, value in (("keep_daily", "abc"), ("busy_timeout", "soon"), ("protected", "maybe")):
+            with self.subTest(key=key):
+                self.config.write_text(f"[DEFAULT]\n{key} = {value}\n\n[prod]\npath = instance/prod.db\n",
+                                       encoding="utf-8")
+                code, out, err = self.run_cli(safe_db_update, "list-backups", "prod")
+                self.assertEqual(code, 2, err)
+                self.assertIn(f"instances.ini: [DEFAULT]: {key} must", err)
+                self.config.write_text(f"[DEFAULT]\n{key} = {value}\n\n[prod]\npath = instance/prod.db\n"
+                                       f"{key} = x{value}\n", encoding="utf-8")
+                code, out, err = self.run_cli(safe_db_update, "list-backups", "prod")
+                self.assertIn(f"instances.ini: [prod]: {key} must", err)
+
+
 if __name__ == "__main__":
     unittest.main()
