@@ -49,11 +49,10 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERS
                             add_command, audited, backup_time, backup_with_retention, confirm,
                             connect, describe_error, describe_table, emergency_step, emit,
                             empty_fleets, find_config, first_problem, fsync_path, get_instance,
-                            hold_interrupts,
-                            instance_lock, integrity_problems, is_busy, keep_owner_and_mode,
-                            list_backups,
-                            load_instances, locked_message, make_folders, make_private_folder,
-                            missing_database, newest_verified, open_private, open_readonly,
+                            hold_interrupts, instance_lock, integrity_problems, is_busy,
+                            keep_owner_and_mode, list_backups, load_instances, locked_message,
+                            lost_database_step, make_folders, make_private_folder, missing_database,
+                            newest_verified, open_private, open_readonly,
                             program, progress_line, read_config, read_history, require_database,
                             resolve, root_parser, run, select_instances, set_aside_sidecars,
                             shows_progress, signs_of_a_lost_database, started_as, tool_command)
@@ -2052,10 +2051,12 @@ def refuse_missing(args: argparse.Namespace, instance: Instance, entry: dict) ->
         return
     signs = signs_of_a_lost_database(instance)
     if signs and not new_empty:
+        step = lost_database_step(instance)
         raise LostDatabase(f"{instance.name}: no database at {instance.path}, but it had one "
-                           f"({'; '.join(signs)}); restore it with '{tool_command('safe_db_update.py')} restore "
-                           f"{instance.name}'; nothing created (to start again from an empty "
-                           f"database anyway: 'migrate {instance.name} --new-empty-database')")
+                           f"({'; '.join(signs)}); {step}; nothing created"
+                           + ("" if "--new-empty-database" in step else
+                              f" (to start again from an empty database anyway: 'migrate "
+                              f"{instance.name} --new-empty-database')"))
     if not (args.create or new_empty):
         raise CommandError(f"{instance.name}: no database at {instance.path}; add --create to "
                            f"make a new one (never use it to replace a lost database: restore it)")

@@ -486,10 +486,24 @@ def missing_database(instance: Instance) -> str:
     signs = signs_of_a_lost_database(instance)
     if signs:
         return (f"{instance.name}: no database at {instance.path}, but it had one "
-                f"({'; '.join(signs)}); restore it with "
-                f"'{tool_command('safe_db_update.py')} restore {instance.name}'")
+                f"({'; '.join(signs)}); {lost_database_step(instance)}")
     return (f"{instance.name}: no database at {instance.path} (it never had one); make it with "
             f"'{tool_command('database_migration.py')} migrate {instance.name} --create'")
+
+
+def lost_database_step(instance: Instance) -> str:
+    """What to do about a lost database: restore it; with no verified backup but a -wal
+    or -shm left beside it, restore can only fail, so say what the -wal may hold."""
+    left = [suffix for suffix in SIDECARS if os.path.lexists(f"{instance.path}{suffix}")]
+    if not left or newest_verified(list_backups(instance)) is not None:
+        return f"restore it with '{tool_command('safe_db_update.py')} restore {instance.name}'"
+    wal = "-wal" in left
+    return (f"there is no verified backup to restore; "
+            + (f"the -wal may hold committed rows of the deleted database: inspect it, then " if wal
+               else "")
+            + f"start again with '{tool_command('database_migration.py')} migrate {instance.name} "
+              f"--new-empty-database', which moves the {' and '.join(left)} into "
+              f"{instance.backup_folder}")
 
 
 def signs_of_a_lost_database(instance: Instance) -> list[str]:
@@ -1416,15 +1430,16 @@ def refuse_newer_schema(instance: Instance, conn: sqlite3.Connection) -> None:
         raise
 
 
-def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, list[str]]:
+def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, list[str], list[Path]]:
     """Put backup's contents into the live database, after a pre-restore backup of it.
 
-    Returns the pre-restore backup and the integrity problems found afterwards. A
-    missing or unreadable file is replaced whole (its bytes kept for forensics).
+    Returns the pre-restore backup, the integrity problems found afterwards, and the
+    leftover -journal, -wal and -shm files set aside. A missing or unreadable file is
+    replaced whole (its bytes kept for forensics).
     """
     if not readable(instance):
         safety = create_backup(instance, "pre-restore", copy=copy_raw) if instance.path.exists() else None
-        return safety, replace_file(instance, backup)
+        return (safety, *replace_file(instance, backup))
     wal = is_wal(instance.path)
     # Opened before SQLite's connections and closed after them: closing a descriptor
     # drops every POSIX lock the process holds on the file (SQLite's included).
@@ -1459,7 +1474,7 @@ def restore_backup(instance: Instance, backup: Backup) -> tuple[Backup | None, l
                     raise CommandError(locked_message(instance)) from exc
                 raise CommandError(f"{instance.name}: restore failed: {describe_error(exc)}; the "
                                    f"database is unchanged") from exc
-            return saved[0], integrity_problems(live)
+            return saved[0], integrity_problems(live), []
         finally:
             if left_wal:
                 return_to_wal(instance, live)
@@ -1511,9 +1526,10 @@ def copy_held_file(held: int) -> Callable[[Instance, Path], None]:
     return copy
 
 
-def replace_file(instance: Instance, backup: Backup) -> list[str]:
+def replace_file(instance: Instance, backup: Backup) -> tuple[list[str], list[Path]]:
     """Put a synced copy of the backup at the live path, with the replaced file's owner
-    and mode (0600, and the folder's owner when run as root, where there was no file)."""
+    and mode (0600, and the folder's owner when run as root, where there was no file).
+    Returns the integrity problems found afterwards and the sidecars set aside."""
     path = instance.path
     draft = path.with_name(f".{path.name}.restoring")
     try:
@@ -1528,7 +1544,7 @@ def replace_file(instance: Instance, backup: Backup) -> list[str]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        set_aside_sidecars(instance, "replaced")    # they belong to the file being replaced
+        moved = set_aside_sidecars(instance, "replaced")    # they belong to the file being replaced
         draft.replace(path)
         fsync_path(path.parent, directory=True)
     except OSError as exc:
@@ -1539,7 +1555,7 @@ def replace_file(instance: Instance, backup: Backup) -> list[str]:
         discard(draft)
         raise
     with closing(open_readonly(instance)) as conn:
-        return integrity_problems(conn)
+        return integrity_problems(conn), moved
 
 
 def keep_owner_and_mode(instance: Instance, fd: int, like: os.stat_result | None) -> None:
@@ -1576,6 +1592,8 @@ def set_aside_sidecars(instance: Instance, label: str) -> list[Path]:
         if os.path.lexists(sidecar):
             target = instance.backup_folder / f"{instance.stem}-{stamp}-{label}.db{suffix}"
             sidecar.replace(target)
+            if stat.S_ISREG(os.lstat(target).st_mode):     # never chmod through a link
+                os.chmod(target, 0o600)     # it may hold the database's rows: private as a backup
             moved.append(target)
     if moved:
         # Gone for good before a new file arrives: a journal that a power cut brought
@@ -1583,6 +1601,11 @@ def set_aside_sidecars(instance: Instance, label: str) -> list[Path]:
         fsync_path(instance.backup_folder, directory=True)
         fsync_path(instance.path.parent, directory=True)
     return moved
+
+
+def sidecar_kind(path: Path) -> str:
+    """'-wal' for a set-aside prod-...-replaced.db-wal."""
+    return next(suffix for suffix in SIDECARS if str(path).endswith(suffix))
 
 
 def retention_policy(instance: Instance, keep: int | None = None) -> Policy:
@@ -2112,11 +2135,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 raise CommandError(f"{instance.name}: {backup.path} failed verification "
                                    f"({first_problem(problems, lister)}); nothing restored; choose another with "
                                    f"'list-backups {instance.name}'")
-            safety, after = restore_backup(instance, backup)
+            safety, after, moved = restore_backup(instance, backup)
             entry.update(backup=safety and str(safety.path),
                          version_before=safety.schema_version if safety else current)
+            if moved:
+                entry["set_aside"] = [str(p) for p in moved]
         entry["version_after"] = backup.schema_version
         kept = f"the replaced contents are in {safety.path}" if safety else "there was no file to keep"
+        if moved:
+            kept += (f"; moved the {' and '.join(sidecar_kind(p) for p in moved)} left beside "
+                     f"{instance.path.name} to {', '.join(str(p) for p in moved)}"
+                     + (" (the -wal may hold committed rows: inspect it before deleting it)"
+                        if any(sidecar_kind(p) == "-wal" for p in moved) else ""))
         if after:
             lister = f"{tool_command('safe_db_update.py')} check {instance.name}"
             raise CommandError(f"{instance.name}: integrity check after restore failed: "
@@ -2127,6 +2157,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
          {"name": instance.name, "path": str(instance.path), "restored_from": str(backup.path),
           "schema_version": backup.schema_version,
           "pre_restore_backup": safety and str(safety.path),
+          "set_aside": [str(p) for p in moved],
           "seconds": round(entry["seconds"], 3)})
     return EXIT_OK
 

@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 import sqlite3
+import signal
 import stat
+import subprocess
+import sys
 import unittest
 from contextlib import closing
 from pathlib import Path
@@ -325,6 +328,63 @@ class DefaultSectionNamedTest(ProjectTestCase):
                                        f"{key} = x{value}\n", encoding="utf-8")
                 code, out, err = self.run_cli(safe_db_update, "list-backups", "prod")
                 self.assertIn(f"instances.ini: [prod]: {key} must", err)
+
+
+CRASHED_APP = r"""
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode = WAL")
+conn.execute("PRAGMA wal_autocheckpoint = 0")
+for i in range(50):
+    conn.execute("INSERT INTO user (email, name) VALUES (?, 'app')", (f"app{i}@x",))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+class LeftoverSidecarsTest(ProjectTestCase):
+
+    def crash_app_and_delete(self) -> bytes:
+        """A real application killed in WAL mode with committed rows in its -wal; then the
+        database file is deleted, the -wal and -shm left beside it."""
+        result = subprocess.run([sys.executable, "-c", CRASHED_APP, str(self.db())], timeout=30)
+        self.assertEqual(result.returncode, -signal.SIGKILL)
+        self.db().unlink()
+        return Path(f"{self.db()}-wal").read_bytes()
+
+    def test_restore_over_a_deleted_file_says_it_moved_the_wal_and_makes_it_private(self) -> None:
+        self.create()
+        self.assertEqual(self.run_script("safe_db_update.py", "backup", "dev").returncode, 0)
+        wal = self.crash_app_and_delete()
+        os.chmod(f"{self.db()}-wal", 0o644)
+        result = self.run_script("safe_db_update.py", "restore", "dev", "-y")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        moved = sorted((self.root / "backups" / "dev" / "database").glob("*-replaced.db-*"))
+        self.assertEqual([p.name.rsplit(".", 1)[1] for p in moved], ["db-shm", "db-wal"])
+        self.assertIn("moved the -wal and -shm left beside dev.db to", result.stdout)
+        self.assertIn(str(moved[1]), result.stdout)
+        self.assertIn("the -wal may hold committed rows", result.stdout)
+        self.assertEqual(moved[1].read_bytes(), wal)          # kept whole, never deleted
+        self.assertEqual([stat.S_IMODE(p.stat().st_mode) for p in moved], [0o600, 0o600])
+        self.assertEqual(query(self.db(), "SELECT COUNT(*) FROM user"), [(2,)])
+
+    def test_create_with_only_a_wal_left_and_no_backup_gives_advice_that_fits(self) -> None:
+        code, _, err = self.migrate("dev", "--create")
+        self.assertEqual(code, 0, err)
+        wal = self.crash_app_and_delete()
+        (self.root / "backups" / "dev" / "history.jsonl").unlink()      # only the -wal says it was there
+        result = self.run_script("database_migration.py", "migrate", "dev", "--create")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertNotIn("restore it with", result.stderr)
+        self.assertIn("no verified backup to restore", result.stderr)
+        self.assertIn("the -wal may hold committed rows of the deleted database", result.stderr)
+        self.assertIn("'database_migration.py migrate dev --new-empty-database'", result.stderr)
+        self.assertEqual(Path(f"{self.db()}-wal").read_bytes(), wal)
+        result = self.run_script("database_migration.py", "migrate", "dev", "--new-empty-database", "-y")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        orphaned = sorted((self.root / "backups" / "dev" / "database").glob("*-orphaned.db-*"))
+        self.assertEqual(len(orphaned), 2)
+        self.assertEqual([stat.S_IMODE(p.stat().st_mode) for p in orphaned], [0o600, 0o600])
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class CreateRefusesALostDatabaseTests(LostDatabaseTestCase):
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertNoTraceback(result.stderr)
         self.assertIn(f"{db}-wal is beside it", result.stderr)
-        self.assertIn("restore dev", result.stderr)
+        self.assertIn("no verified backup to restore", result.stderr)      # restore could only fail
+        self.assertIn("'database_migration.py migrate dev --new-empty-database'", result.stderr)
         self.assertFalse(db.exists())
         self.assertEqual(Path(f"{db}-wal").read_bytes(), wal)
         self.assertFalse((self.root / "backups" / "dev" / "database").exists())
