@@ -2260,13 +2260,19 @@ def format_empty_fleets(fleets: list[tuple[str, Path]]) -> list[str]:
 
 
 def format_status(rows: list[tuple[State, str | None]], fleets: list[tuple[str, Path]] = ()) -> str:
+    def current(state: State) -> str:
+        return "-" if state.current_version is None else str(state.current_version)
+    # Each column as wide as its widest value: 14-digit versions (timestamps) fit too.
     width = max([8] + [len(s.instance.name) for s, _ in rows])
-    lines = [f"{'instance':<{width}}  {'version':>7}  {'latest':>6}  {'pending':>7}  "
-             f"{'state':<10}  last backup"]
+    versions = max([7] + [len(current(s)) for s, _ in rows])
+    latest = max([6] + [len(str(s.latest_version)) for s, _ in rows])
+    pending = max([7] + [len(str(len(s.pending))) for s, _ in rows])
+    lines = [f"{'instance':<{width}}  {'version':>{versions}}  {'latest':>{latest}}  "
+             f"{'pending':>{pending}}  {'state':<10}  last backup"]
     for state, last in rows:
-        current = "-" if state.current_version is None else str(state.current_version)
-        lines.append(f"{state.instance.name:<{width}}  {current:>7}  {state.latest_version:>6}  "
-                     f"{len(state.pending):>7}  {state.state:<10}  {age(last)}"
+        lines.append(f"{state.instance.name:<{width}}  {current(state):>{versions}}  "
+                     f"{state.latest_version:>{latest}}  "
+                     f"{len(state.pending):>{pending}}  {state.state:<10}  {age(last)}"
                      + (f"  ({state.error or damaged(state)})" if state.state == "error" else "")
                      + (f"  ({state.untracked}; {half_migrated_step(state.instance.name, state.runner)})"
                         if state.runner and state.untracked.startswith(HALF_MIGRATED) else

@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
+import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import unittest
 from contextlib import closing
 from pathlib import Path
 
-from tests.support import ProjectTestCase, database_migration, query, safe_db_update
+from tests.support import ROOT, ProjectTestCase, database_migration, query, safe_db_update
 
 BACKFILL = '''"""backfill"""
 
@@ -385,6 +386,53 @@ class LeftoverSidecarsTest(ProjectTestCase):
         orphaned = sorted((self.root / "backups" / "dev" / "database").glob("*-orphaned.db-*"))
         self.assertEqual(len(orphaned), 2)
         self.assertEqual([stat.S_IMODE(p.stat().st_mode) for p in orphaned], [0o600, 0o600])
+
+
+class SmallerOutputTest(ProjectTestCase):
+    migrations = {}
+
+    def test_the_status_table_stays_aligned_with_14_digit_versions(self) -> None:
+        self.write_migration("20240105093001_a.sql", "-- migrate:up\nCREATE TABLE a (x);\n")
+        self.write_migration("20240105093002_b.sql", "-- migrate:up\nCREATE TABLE b (x);\n")
+        self.assertEqual(self.migrate("dev", "--create", "--to", "20240105093001")[0], 0)
+        code, out, err = self.run_cli(database_migration, "status")
+        lines = out.splitlines()
+        header, rows = lines[0], lines[1:3]
+        ends = [m.end() for m in re.finditer(r"\S+", header)][1:5]   # version, latest, pending, state
+        for row in rows:            # each number ends where its heading ends; state starts aligned
+            spans = [m.span() for m in re.finditer(r"\S+", row)][1:5]
+            self.assertEqual([end for _, end in spans[:3]], ends[:3], (header, row))
+            self.assertEqual(spans[3][0], header.index("state"), (header, row))
+        self.assertEqual(rows[0].split()[1:3], ["20240105093001", "20240105093002"])
+
+    def test_a_group_adopt_summary_names_each_failure_once(self) -> None:
+        self.write_migration("0001_a.up.sql", "CREATE TABLE a (x);")
+        self.config.write_text("[tenants]\npath = tenants/*.db\n", encoding="utf-8")
+        (self.root / "tenants").mkdir()
+        for name in ("acme", "globex"):
+            with closing(sqlite3.connect(self.root / "tenants" / f"{name}.db")) as conn:
+                conn.execute("CREATE TABLE schema_migrations (version uint64,dirty bool)")
+                conn.execute("INSERT INTO schema_migrations VALUES (1, 1)")
+                conn.commit()
+        code, out, err = self.run_cli(database_migration, "adopt", "tenants")
+        self.assertEqual(code, 1, err)
+        self.assertIn("  failed: tenants/acme (its error is above)", out + err)
+        self.assertNotIn("tenants/acme: tenants/acme", out + err)
+
+    def test_list_backups_and_info_into_a_closed_pipe_are_quiet(self) -> None:
+        self.write_migration("0001_a.sql", "-- migrate:up\nCREATE TABLE a (x);\n")
+        self.assertEqual(self.migrate("dev", "--create")[0], 0)
+        for _ in range(3):
+            self.assertEqual(self.run_script("safe_db_update.py", "backup", "dev").returncode, 0)
+        for argv in (("list-backups", "dev"), ("info", "dev")):
+            with self.subTest(argv=argv):
+                process = subprocess.Popen([sys.executable, str(ROOT / "safe_db_update.py"), "--config",
+                                            str(self.config), *argv], stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                process.stdout.close()          # the reader (head) has gone before the first write
+                errors = process.stderr.read().decode()
+                process.stderr.close()
+                self.assertEqual((process.wait(timeout=60), errors), (0, ""))
 
 
 if __name__ == "__main__":
