@@ -598,9 +598,16 @@ def migrations_from_folder(folder: Path) -> list[Migration]:
     python = [path for path in entries if layout_of(path) == PYTHON]
     others = [path for path in entries if layout_of(path) != PYTHON]
     read = paired_migrations if layout == PAIRED else diesel_migrations
-    return merge(read(others), [read_python_file(path, int(MIGRATION_FILE.fullmatch(path.name)["version"]),
-                                                 MIGRATION_FILE.fullmatch(path.name)["description"]
-                                                 .replace("_", " ")) for path in python])
+    return merge(read(others), [python_migration(path) for path in python])
+
+
+def python_migration(path: Path) -> Migration:
+    """A NNNN_description.py beside another runner's files (in our layout: plain_migrations)."""
+    match = MIGRATION_FILE.fullmatch(path.name)
+    if not match:
+        raise CommandError(f"{path}: a Python migration is named NNNN_description.py (for "
+                           f"example 0004_backfill_status.py)", EXIT_USAGE)
+    return read_python_file(path, int(match["version"]), match["description"].replace("_", " "))
 
 
 def layout_of(path: Path) -> str:
@@ -619,7 +626,7 @@ def layout_of(path: Path) -> str:
         return DIESEL if diesel and (path / "up.sql").is_file() else ""
     if not path.is_file() or path.suffix not in (".sql", ".py"):
         return ""
-    if path.suffix == ".py" and MIGRATION_FILE.fullmatch(path.name):
+    if path.suffix == ".py":
         return PYTHON
     return PAIRED if PAIRED_FILE.fullmatch(path.name) else PLAIN
 

@@ -66,6 +66,14 @@ class PythonMigrationsInEveryLayoutTest(ProjectTestCase):
         self.assertIn("20240102000000_data.py", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
 
+    def test_a_badly_named_python_file_beside_golang_migrate_files_is_named_as_such(self) -> None:
+        self.write_migration("000001_a.up.sql", "CREATE TABLE a (x);")
+        self.write_migration("backfill.py", BACKFILL)
+        code, out, err = self.cli("status")
+        self.assertEqual(code, 2, err)
+        self.assertIn("backfill.py: a Python migration is named NNNN_description.py", err)
+        self.assertNotIn("mixes", err)
+
     def test_new_python_writes_a_top_level_file_in_each_runners_layout(self) -> None:
         cases = {
             "golang-migrate": (("000001_a.up.sql", "CREATE TABLE a (x);"),),
