@@ -58,8 +58,8 @@ class CaughtInterruptTests(CaughtTestCase):
         marker = self.root / "sleeping"
         self.add(f"""
             conn.execute("UPDATE user SET name = 'CHANGED'")
-            open({str(marker)!r}, "w").close()
             try:
+                open({str(marker)!r}, "w").close()      # the signal comes after this
                 time.sleep(30)
             except BaseException as exc:
                 print("swallowed", repr(exc))
