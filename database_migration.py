@@ -1411,12 +1411,13 @@ def check_still_ours(conn: sqlite3.Connection, migration: Migration, direction: 
                            f"changed{note}")
     if conn.in_transaction or wrapper.ended_by_sqlite:
         return
-    backup = note.replace("; backup: ", "", 1) if note.startswith("; backup: ") else ""
-    raise CommandError(f"{where}the run's transaction ended inside it (committed or rolled "
-                       f"back by the migration's own code, not by the tool); changes may have "
-                       f"been committed: check the database"
-                       + (f" and restore the pre-migrate backup {backup} if needed"
-                          if backup else " and restore a backup if needed"))
+    ended = (f"{where}the run's transaction ended inside it (committed or rolled back by the "
+             f"migration's own code, not by the tool)")
+    if not note.startswith("; backup: "):   # a rehearsal's copy or a --create draft: discarded
+        raise CommandError(f"{ended}; the run stopped there")
+    raise CommandError(f"{ended}; changes may have been committed: check the database and "
+                       f"restore {note[len('; backup: '):]} (the backup taken before this run) "
+                       f"if needed")
 
 
 def refusal(conn: sqlite3.Connection, wrapper: MigrationConnection,

@@ -160,7 +160,8 @@ class EndedBehindTheToolsBackTests(CaughtTestCase):
                 self.assertIn("the run's transaction ended inside it", err)
                 self.assertIn("changes may have been committed", err)
                 backup = self.history()[-1]["backup"]
-                self.assertIn(f"restore the pre-migrate backup {backup} if needed", err)
+                self.assertIn(f"restore {backup} (the backup taken before this run) if needed",
+                              err)
                 outcome = self.history()[-1]["outcome"]
                 self.assertTrue(outcome.startswith("failed: ") and "may have been committed"
                                 in outcome, outcome)
@@ -172,6 +173,19 @@ class EndedBehindTheToolsBackTests(CaughtTestCase):
                     conn.executemany("UPDATE user SET name = ? WHERE id = ?",
                                      [(n, i) for i, n in self.names])
                     conn.commit()
+
+    def test_in_a_dry_run_the_rehearsal_says_where_it_stopped(self) -> None:
+        self.add("""
+            conn.execute("UPDATE user SET name = 'CHANGED'")
+            conn._conn.set_authorizer(None)
+            conn._conn.commit()
+        """)
+        code, out, err = self.migrate("dev", "--dry-run")
+        self.assertEqual(code, 1, err)
+        self.assertIn("the run's transaction ended inside it", out + err)
+        self.assertIn("the run stopped there", out + err)
+        self.assertNotIn("may have been committed", out + err)
+        self.assertNothingApplied()
 
     def test_a_closed_connection_names_the_migration_and_changes_nothing(self) -> None:
         self.add("""
