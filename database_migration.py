@@ -953,7 +953,10 @@ def shadow_tables(conn: sqlite3.Connection) -> set[str]:
     known by name for the modules in SHADOW_SUFFIXES, and by PRAGMA table_list (SQLite
     3.37 and later) for any module that declares its own."""
     shadows = set()
-    for name, sql in conn.execute(VIRTUAL_TABLES).fetchall():
+    virtual = conn.execute(VIRTUAL_TABLES).fetchall()
+    if not virtual:                     # the common case: no virtual table, no shadow table
+        return shadows
+    for name, sql in virtual:
         module = VIRTUAL_MODULE.search(sql or "")
         for suffix in SHADOW_SUFFIXES.get(module[1].lower() if module else "", ()):
             shadows.add(f"{name}_{suffix}".lower())
