@@ -930,14 +930,15 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
 
 def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[str, object]:
     """Normalised sqlite_master: 'table user' -> {column: (type, NOT NULL, default, primary
-    key)} in the table's order, other objects ('index ix', 'view v', 'trigger t') -> their SQL."""
+    key)} in the table's order, other objects ('index ix', 'view v', 'trigger t') and virtual
+    tables (whose module arguments are what matters) -> their SQL; shadow tables left out."""
     objects: dict[str, object] = {}
     shadows = shadow_tables(conn)
     for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS).fetchall():
         key = f"{kind} {name}"
         if (only is not None and key not in only) or (kind == "table" and name.lower() in shadows):
             continue
-        if kind == "table":
+        if kind == "table" and not re.match(r"CREATE\s+VIRTUAL\b", sql or "", re.IGNORECASE):
             quoted = '"' + name.replace('"', '""') + '"'
             columns = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
             objects[key] = {c[1]: ((c[2] or "").upper(), bool(c[3]),

@@ -77,6 +77,18 @@ class ShadowTableTests(ProjectTestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("up to date", out)
 
+    def test_a_virtual_table_made_with_other_arguments_is_drift(self) -> None:
+        with closing(sqlite3.connect(self.db())) as conn:
+            conn.execute("DROP TABLE docs")
+            conn.execute("CREATE VIRTUAL TABLE docs USING fts5(body, tokenize = 'porter')")
+            conn.commit()
+        code, out, err = self.run_cli(database_migration, "status")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"dev +3 +3 +0 +drift")
+        code, out, err = self.run_cli(database_migration, "check", "dev")
+        self.assertIn("table docs: different SQL", out + err)
+        self.assertNotIn("docs_", out + err)
+
 
 if __name__ == "__main__":
     unittest.main()
