@@ -18,6 +18,10 @@ import sys
 if hasattr(signal, "pthread_sigmask") and (
         __name__ == "__main__" or os.path.basename(sys.argv[0]) == "database-migration"):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+# Run as a script (or a --jobs worker started afresh): the import of safe_db_update below
+# would write __pycache__/ into the project folder. No command writes bytecode there.
+if __name__ in ("__main__", "__mp_main__"):
+    sys.dont_write_bytecode = True
 
 import argparse
 import ast
@@ -56,6 +60,7 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERS
                             program, progress_line, read_config, read_history, require_database,
                             resolve, root_parser, run, select_instances, set_aside_sidecars,
                             shows_progress, signs_of_a_lost_database, started_as, tool_command)
+from safe_db_update import InterruptedAfterCommit
 
 # --- Constants ---------------------------------------------------------------
 
@@ -201,6 +206,17 @@ USER_TABLES = f"""
     WHERE type = 'table' AND {NOT_INTERNAL} AND tbl_name NOT IN {TRACKING_TABLES}
     ORDER BY name
 """
+# Shadow tables: where a virtual table's module keeps its data (fts5's docs_data for
+# docs, ...). They are the engine's, derived from the virtual table: the lost-row guard,
+# drift and dry-run shapes count and compare the virtual table, not them.
+VIRTUAL_TABLES = """
+    SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL TABLE%'
+"""
+VIRTUAL_MODULE = re.compile(r"\bUSING\s+(\w+)", re.IGNORECASE)
+FTS3_SHADOWS = ("content", "segments", "segdir", "docsize", "stat")
+SHADOW_SUFFIXES = {"fts5": ("data", "idx", "content", "docsize", "config"),
+                   "fts4": FTS3_SHADOWS, "fts3": FTS3_SHADOWS,
+                   "rtree": ("node", "parent", "rowid"), "rtree_i32": ("node", "parent", "rowid")}
 MASTER_ROWS = f"""
     SELECT type, name, sql FROM sqlite_master
     WHERE {NOT_INTERNAL} AND tbl_name NOT IN {TRACKING_TABLES}
@@ -965,13 +981,15 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
 
 def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[str, object]:
     """Normalised sqlite_master: 'table user' -> {column: (type, NOT NULL, default, primary
-    key)} in the table's order, other objects ('index ix', 'view v', 'trigger t') -> their SQL."""
+    key)} in the table's order, other objects ('index ix', 'view v', 'trigger t') and virtual
+    tables (whose module arguments are what matters) -> their SQL; shadow tables left out."""
     objects: dict[str, object] = {}
+    shadows = shadow_tables(conn)
     for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS).fetchall():
         key = f"{kind} {name}"
-        if only is not None and key not in only:
+        if (only is not None and key not in only) or (kind == "table" and name.lower() in shadows):
             continue
-        if kind == "table":
+        if kind == "table" and not re.match(r"CREATE\s+VIRTUAL\b", sql or "", re.IGNORECASE):
             quoted = '"' + name.replace('"', '""') + '"'
             columns = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
             objects[key] = {c[1]: ((c[2] or "").upper(), bool(c[3]),
@@ -980,6 +998,26 @@ def schema_of(conn: sqlite3.Connection, only: set[str] | None = None) -> dict[st
         else:
             objects[key] = " ".join((sql or f"(automatic on {table})").split())
     return objects
+
+
+def shadow_tables(conn: sqlite3.Connection) -> set[str]:
+    """The shadow tables of the database's virtual tables, as table_key() spells them:
+    known by name for the modules in SHADOW_SUFFIXES, and by PRAGMA table_list (SQLite
+    3.37 and later) for any module that declares its own."""
+    shadows = set()
+    virtual = conn.execute(VIRTUAL_TABLES).fetchall()
+    if not virtual:                     # the common case: no virtual table, no shadow table
+        return shadows
+    for name, sql in virtual:
+        module = VIRTUAL_MODULE.search(sql or "")
+        for suffix in SHADOW_SUFFIXES.get(module[1].lower() if module else "", ()):
+            shadows.add(f"{name}_{suffix}".lower())
+    try:
+        listed = conn.execute("PRAGMA main.table_list").fetchall()
+    except sqlite3.DatabaseError:       # before SQLite 3.37: no such pragma (it returns nothing)
+        listed = []
+    shadows.update(row[1].lower() for row in listed if row[2] == "shadow")
+    return shadows
 
 
 def master_sql(conn: sqlite3.Connection) -> dict[str, str]:
@@ -1255,16 +1293,26 @@ class TransactionGuard:
     """An authorizer that refuses, inside a migration, what would leave its transaction:
     BEGIN/COMMIT/ROLLBACK, ATTACH/DETACH, load_extension() and the ESCAPING_PRAGMAS; and
     every statement once SQLite has ended the run's transaction on its own (a disk-full
-    or I/O error), so that nothing after that point can run, and commit, in autocommit."""
+    or I/O error), so that nothing after that point can run, and commit, in autocommit.
+    It remembers its first refusal, and a Ctrl-C during the transaction (note_interrupt),
+    so that a migration that catches either cannot let the run commit."""
 
     def __init__(self, conn: sqlite3.Connection | None = None) -> None:
         self.active = False
         self.conn = conn
+        self.refused = ""           # what it refused first, while active
+        self.interrupted = False    # a Ctrl-C arrived while active
 
     def __call__(self, action, first, second, *_):
         if self.active and (escapes(action, first, second) or not self.conn.in_transaction):
+            self.refused = self.refused or (REFUSED if self.conn.in_transaction else TRANSACTION_ENDED)
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
+
+    def note_interrupt(self, *_) -> None:
+        """SIGINT during the transaction: remembered, then raised as usual."""
+        self.interrupted = True
+        raise KeyboardInterrupt
 
 
 def escapes(action: int, first: str | None, second: str | None) -> bool:
@@ -1280,17 +1328,19 @@ class MigrationConnection:
     """What a Python migration's up(conn) receives: it reads and writes inside the run's
     transaction and nothing else. Once that transaction is gone (SQLite ends it on its own
     after a disk-full or I/O error) every call is refused, so nothing can run in autocommit;
-    a refusal fails the run even when the migration catches it."""
+    a refusal fails the run even when the migration catches it. Its cursors are
+    MigrationCursors, so cursor.connection is this object, not the raw connection."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self.refused = ""
+        self.ended_by_sqlite = False    # SQLite ended the transaction during one of our calls
 
     def execute(self, sql: str, parameters=()):
-        return self._run(self._conn.execute, sql, parameters)
+        return MigrationCursor(self._run(self._conn.execute, sql, parameters), self)
 
     def executemany(self, sql: str, seq_of_parameters):
-        return self._run(self._conn.executemany, sql, seq_of_parameters)
+        return MigrationCursor(self._run(self._conn.executemany, sql, seq_of_parameters), self)
 
     def _run(self, method, sql: str, parameters):
         if not self._conn.in_transaction:
@@ -1303,6 +1353,7 @@ class MigrationConnection:
         except sqlite3.DatabaseError as exc:
             if "not authorized" in str(exc):
                 self.refuse(REFUSED)
+            self.ended_by_sqlite = not self._conn.in_transaction
             raise
 
     def refuse(self, reason: str) -> None:
@@ -1318,13 +1369,41 @@ class MigrationConnection:
         self.refuse("executescript commits on its own; use execute() per statement")
 
 
+class MigrationCursor:
+    """A cursor handed to a Python migration: it reads like sqlite3.Cursor, and its
+    execute() and connection go through the MigrationConnection."""
+
+    def __init__(self, cursor: sqlite3.Cursor, connection: MigrationConnection) -> None:
+        self._cursor = cursor
+        self.connection = connection
+
+    def execute(self, sql: str, parameters=()):
+        self._cursor = self.connection._run(self._cursor.execute, sql, parameters)
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters):
+        self._cursor = self.connection._run(self._cursor.executemany, sql, seq_of_parameters)
+        return self
+
+    def executescript(self, script: str) -> None:
+        self.connection.executescript(script)
+
+    def __iter__(self):
+        return iter(self._cursor)
+
+    def __getattr__(self, name: str):      # fetchone, fetchall, description, rowcount, ...
+        return getattr(self._cursor, name)
+
+
 def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
                    backup_note: str = "", record: bool = False,
                    ledger: RowLedger | None = None,
                    schema_records: dict[int, dict] | None = None,
-                   progress: Progress | None = None) -> list[int]:
+                   progress: Progress | None = None,
+                   guard: TransactionGuard | None = None) -> list[int]:
     """Run the up (or down) parts inside the caller's transaction; schema_records, when
-    given, receives what each Python up() left the schema as (see schema_record)."""
+    given, receives what each Python up() left the schema as (see schema_record); guard:
+    the transaction's, whose refusals fail the Python migration that caused them."""
     done = []
     ledger = ledger or RowLedger()
     for migration in migrations:
@@ -1334,7 +1413,7 @@ def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
                           keep=True)
         if migration.python:
             with ledger.watch_python(conn, migration):
-                run_python(conn, migration, direction, backup_note)
+                run_python(conn, migration, direction, backup_note, guard)
             if schema_records is not None and direction == "up":
                 schema_records[migration.version] = schema_record(conn, migration)
         for statement in (migration.up if direction == "up" else migration.down):
@@ -1353,7 +1432,8 @@ def run_migrations(conn: sqlite3.Connection, migrations, direction: str,
     return done
 
 
-def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, note: str) -> None:
+def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, note: str,
+               guard: TransactionGuard | None = None) -> None:
     function = python_functions(migration).get(direction)
     if function is None:            # read as a def, but not a function once imported
         raise CommandError(failure(migration, f"{direction}(conn)", f"{direction} is not a "
@@ -1365,15 +1445,42 @@ def run_python(conn: sqlite3.Connection, migration: Migration, direction: str, n
         raise CommandError(failure(migration, f"{direction}(conn)",
                                    f"it called sys.exit({exc.code!r})", note)) from exc
     except Exception as exc:  # noqa: BLE001 - a user's code may raise anything; roll back
+        check_still_ours(conn, migration, direction, wrapper, note)
         raise CommandError(failure(migration, f"{direction}(conn)",
-                                   refusal(conn, wrapper) or exc, note)) from exc
-    if refusal(conn, wrapper):      # caught by the migration, which went on: still a failure
-        raise CommandError(failure(migration, f"{direction}(conn)", refusal(conn, wrapper), note))
+                                   refusal(conn, wrapper, guard) or exc, note)) from exc
+    check_still_ours(conn, migration, direction, wrapper, note)
+    if refusal(conn, wrapper, guard):   # caught by the migration, which went on: still a failure
+        raise CommandError(failure(migration, f"{direction}(conn)", refusal(conn, wrapper, guard),
+                                   note))
 
 
-def refusal(conn: sqlite3.Connection, wrapper: MigrationConnection) -> str:
+def check_still_ours(conn: sqlite3.Connection, migration: Migration, direction: str,
+                     wrapper: MigrationConnection, note: str) -> None:
+    """After a Python migration: the run's transaction must still be open, or have been
+    ended by SQLite itself (then nothing was committed). Otherwise the migration's own
+    code closed the connection, or committed or rolled back behind the tool's back, and
+    the tool cannot say what the database holds now."""
+    where = f"migration {migration.version} ({migration.description}) failed: "
+    if not is_open(conn):
+        raise CommandError(f"{where}its code closed the database connection (statement: "
+                           f"{direction}(conn)); SQLite rolled the run back, nothing "
+                           f"changed{note}")
+    if conn.in_transaction or wrapper.ended_by_sqlite:
+        return
+    ended = (f"{where}the run's transaction ended inside it (committed or rolled back by the "
+             f"migration's own code, not by the tool)")
+    if not note.startswith("; backup: "):   # a rehearsal's copy or a --create draft: discarded
+        raise CommandError(f"{ended}; the run stopped there")
+    raise CommandError(f"{ended}; changes may have been committed: check the database and "
+                       f"restore {note[len('; backup: '):]} (the backup taken before this run) "
+                       f"if needed")
+
+
+def refusal(conn: sqlite3.Connection, wrapper: MigrationConnection,
+            guard: TransactionGuard | None = None) -> str:
     """Why a Python migration failed the run although it may have caught the error."""
-    return wrapper.refused or ("" if conn.in_transaction else TRANSACTION_ENDED)
+    return (wrapper.refused or (guard.refused if guard is not None else "")
+            or ("" if conn.in_transaction else TRANSACTION_ENDED))
 
 
 def failure(migration: Migration, statement: str, error, note: str) -> str:
@@ -1401,8 +1508,9 @@ def python_line(migration: Migration, error) -> str:
 
 
 def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Rows per table, counted in one statement per 500 tables."""
-    tables = [name for (name,) in conn.execute(USER_TABLES).fetchall()]
+    """Rows per table (not shadow tables), counted in one statement per 500 tables."""
+    shadows = shadow_tables(conn)
+    tables = [name for (name,) in conn.execute(USER_TABLES).fetchall() if name.lower() not in shadows]
     counts: dict[str, int] = {}
     for start in range(0, len(tables), 500):
         chunk = tables[start:start + 500]
@@ -1525,11 +1633,13 @@ def ensure_tracking_table(conn: sqlite3.Connection, migrations: list[Migration])
 
 
 @contextmanager
-def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -> Iterator[None]:
+def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -> Iterator[TransactionGuard]:
     """Foreign keys off (set before BEGIN, or it is a no-op), one transaction, guard on.
 
     audit: the audit entry of a real run; Ctrl-C is held back from just before COMMIT
-    until that entry is written (safe_db_update.hold_interrupts).
+    until that entry is written (safe_db_update.hold_interrupts). Before that, a Ctrl-C
+    is noted by the guard as well as raised, and a noted one, or a refusal the guard
+    noted, fails the run before COMMIT even when a migration caught it.
     """
     guard = TransactionGuard(conn)
     conn.set_authorizer(guard)
@@ -1537,6 +1647,7 @@ def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -
         conn.enable_load_extension(False)
     conn.execute("PRAGMA foreign_keys = OFF")
     patience = conn.execute("PRAGMA busy_timeout").fetchone()[0]     # ms: the busy_timeout
+    previous = note_interrupts(guard)
     try:
         conn.execute("BEGIN IMMEDIATE")     # waits up to busy_timeout for another writer
         try:
@@ -1545,23 +1656,63 @@ def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -
             # busy_timeout. Without waiting, the pages stay in memory until COMMIT.
             conn.execute("PRAGMA busy_timeout = 0")
             guard.active = True
-            yield
+            yield guard
             guard.active = False
             conn.execute(f"PRAGMA busy_timeout = {patience}")   # COMMIT: readers, busy_timeout
+            previous = restore_interrupts(previous)
+            refuse_noted(guard)
             if audit is not None:
                 hold_interrupts(audit)
             conn.execute("COMMIT")
             if audit is not None and os.environ.get("DB_MIGRATION_TEST_SIGINT_AFTER_COMMIT"):
                 os.kill(os.getpid(), signal.SIGINT)     # tests only: Ctrl-C at the worst moment
-        except BaseException:
+        except BaseException as exc:
             guard.active = False
-            if conn.in_transaction:
+            previous = restore_interrupts(previous)
+            if is_open(conn) and conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if guard.interrupted and not isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt from exc    # the migration caught Ctrl-C, then failed
             raise
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {patience}")
-        conn.set_authorizer(TransactionGuard())
-        conn.execute("PRAGMA foreign_keys = ON")
+        restore_interrupts(previous)
+        if is_open(conn):
+            conn.execute(f"PRAGMA busy_timeout = {patience}")
+            conn.set_authorizer(TransactionGuard())
+            conn.execute("PRAGMA foreign_keys = ON")
+
+
+def note_interrupts(guard: TransactionGuard):
+    """Route Ctrl-C through the guard for the transaction; the handler it replaced (None
+    where it cannot: not the main thread, or Ctrl-C is ignored)."""
+    try:
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+            return None
+        return signal.signal(signal.SIGINT, guard.note_interrupt)
+    except ValueError:              # not the main thread: the signal goes to another one
+        return None
+
+
+def restore_interrupts(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
+
+
+def refuse_noted(guard: TransactionGuard) -> None:
+    """Just before COMMIT: a Ctrl-C or a refusal during the run fails it, caught or not."""
+    if guard.interrupted:
+        raise KeyboardInterrupt
+    if guard.refused:
+        raise CommandError(f"{guard.refused} (a migration caught the refusal and went on; a "
+                           f"refusal fails the run all the same); rolled back, nothing changed")
+
+
+def is_open(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.in_transaction
+    except sqlite3.ProgrammingError:    # closed (by a migration's code)
+        return False
+    return True
 
 
 def apply_plan(conn: sqlite3.Connection, plan: Plan, migrations: list[Migration],
@@ -1593,7 +1744,7 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
                          audit: dict | None, progress: Progress) -> list[int]:
     schema_records: dict[int, dict] = {}
     progress.step("waiting for the write lock")
-    with migration_transaction(conn, audit):
+    with migration_transaction(conn, audit) as guard:
         if tuple(a.version for a in read_applied(conn)) != plan.applied:
             raise CommandError(f"{plan.instance.name}: changed by someone else since the plan was "
                                f"made; nothing done; run the command again")
@@ -1602,7 +1753,8 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
         ensure_tracking_table(conn, migrations)
         ledger = RowLedger(plan)
         done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True,
-                              ledger=ledger, schema_records=schema_records, progress=progress)
+                              ledger=ledger, schema_records=schema_records, progress=progress,
+                              guard=guard)
         progress.step("checking foreign keys and row counts, then committing")
         check_before_commit(conn, plan, before, backup_note, ledger)
         if expected is not None:
@@ -1654,7 +1806,9 @@ def last_touching(migrations, direction: str, tables: tuple[str, ...]) -> Migrat
 # --- Dry run -----------------------------------------------------------------
 
 def table_shapes(conn: sqlite3.Connection) -> dict[str, Table]:
-    return {name: describe_table(conn, name) for (name,) in conn.execute(USER_TABLES).fetchall()}
+    shadows = shadow_tables(conn)
+    return {name: describe_table(conn, name) for (name,) in conn.execute(USER_TABLES).fetchall()
+            if name.lower() not in shadows}
 
 
 def rehearse(plan: Plan, migrations: list[Migration], progress: Progress | None = None) -> Rehearsal:
@@ -2005,11 +2159,17 @@ def migrate_instance(args: argparse.Namespace, instance: Instance,
     seen = {} if seen is None else seen
     if args.dry_run:
         return migrate_steps(args, instance, seen)
-    with audited(instance, "migrate") as entry:
-        try:
-            return migrate_steps(args, instance, entry)
-        finally:
-            seen.update(entry)
+    outcome = None
+    try:
+        with audited(instance, "migrate") as entry:
+            try:
+                outcome = migrate_steps(args, instance, entry)
+            finally:
+                seen.update(entry)
+    except InterruptedAfterCommit as late:     # committed: the caller still reports the outcome
+        late.outcome = outcome
+        raise
+    return outcome
 
 
 def migrate_steps(args: argparse.Namespace, instance: Instance, entry: dict) -> Outcome:
@@ -2518,7 +2678,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise CommandError(f"--new-empty-database makes one instance's database; name the "
                                f"member, such as '{args.name}/NAME'", EXIT_USAGE)
         return migrate_many(args, instances)
-    outcome = migrate_instance(args, instances[0])
+    try:
+        outcome = migrate_instance(args, instances[0])
+    except InterruptedAfterCommit as late:     # --json: migrate's document, not an error's
+        if args.json and getattr(late, "outcome", None) is not None:
+            emit(args, "", {**outcome_as_json(late.outcome), "interrupted": "after commit"})
+        raise
     emit(args, format_outcome(outcome), outcome_as_json(outcome))
     if outcome.dry_run and outcome.rehearsal is not None and not outcome.rehearsal.ok:
         return EXIT_FAILED

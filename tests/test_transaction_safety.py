@@ -154,10 +154,11 @@ class EscapeTests(SafetyTestCase):
         self.assertFalse((self.root / "copy.db").exists())
 
     def test_the_authorizer_refuses_what_the_text_does_not_show(self) -> None:
-        # Through the raw connection behind a cursor, with extension loading switched on:
-        # only the authorizer stands in the way.
+        # Through the raw connection behind conn (a cursor no longer leads to it: a private
+        # attribute does), with extension loading switched on: only the authorizer stands
+        # in the way.
         self.add(3, python_migration("""
-            raw = conn.execute("SELECT 1").connection
+            raw = conn._conn
             raw.execute("DELETE FROM payment WHERE id = 1")
             for sql in ("PRAGMA journal_mode = OFF", "ATTACH DATABASE 'other.db' AS other",
                         "SELECT load_extension('evil')", "COMMIT"):
