@@ -1250,12 +1250,24 @@ def refuse_unsafe(state: State) -> None:
                            f"have (migrated by newer code?); nothing changed")
     failed = [p for p in state.problems if p.startswith("quick_check")]
     if failed:
-        raise CommandError(f"{name}: {one_line(failed[0], state.instance)}; the database is damaged; nothing "
-                           f"changed; {emergency_step(state.instance)}")
+        raise CommandError(damaged(state.instance, failed[0]))
     if state.untracked:
         raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; "
                            f"{untracked_step(name, state.runner, state.untracked)}"
                            + ("" if state.untracked.startswith(HALF_MIGRATED) else ", then migrate"))
+
+
+def damaged(instance: Instance, problem: str, kept: str = "") -> str:
+    return (f"{instance.name}: {one_line(problem, instance)}; the database is damaged; nothing changed"
+            f"{kept}; {emergency_step(instance)}")
+
+
+def refuse_damaged(instance: Instance) -> None:
+    """quick_check of the live file, for a run that takes no backup to check it."""
+    with closing(open_readonly(instance)) as conn:
+        problems = integrity_problems(conn, quick=True)
+    if problems:
+        raise CommandError(damaged(instance, f"quick_check: {problems[0]}"))
 
 
 def plan_migrate(state: State, target: int | None, create: bool = False,
@@ -2187,10 +2199,14 @@ def migrate_with_progress(args: argparse.Namespace, instance: Instance, entry: d
     started = time.perf_counter()
     missing = not instance.path.exists()
     refuse_missing(args, instance, entry)
-    progress.step("checking the database (quick_check)")
-    state = inspect(instance, migrations, quick_check=not missing, with_drift=False)
+    # The live file is checked once: by the pre-migrate backup's integrity_check of its
+    # snapshot, or, when no backup is taken (a dry run, nothing pending), by quick_check.
+    progress.step("reading the database")
+    state = inspect(instance, migrations, with_drift=False)
     refuse_unsafe(state)
     plan = plan_migrate(state, args.to, create=missing, allow_row_loss=tuple(args.allow_row_loss))
+    if not missing and (args.dry_run or not plan.migrations):
+        refuse_damaged(instance)
     entry.update(version_before=state.current_version, version_after=state.current_version)
     progress.done()
     if args.dry_run:
@@ -2246,9 +2262,12 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
         return None, applied
     backup, _ = backup_with_retention(instance, "pre-migrate", progress)
     entry["backup"] = str(backup.path)
-    if not backup.verified:
-        raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
-                           f"check ({backup.path}); nothing changed")
+    if not backup.verified:             # its snapshot is the live database's: damaged
+        problem = backup.problems[0] if backup.problems else "failed"
+        if not problem.startswith("integrity_check"):
+            problem = f"integrity_check: {problem}"
+        raise CommandError(damaged(instance, problem, f"; its copy is kept for investigation, "
+                                                      f"marked unverified: {backup.path}"))
     with closing(connect(instance)) as conn:
         applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry,
                              progress=progress)

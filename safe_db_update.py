@@ -166,6 +166,7 @@ class Backup:
     verified: bool
     seconds: float = 0.0
     has_manifest: bool = True       # False: a .db file alone, listed as unverified
+    problems: tuple[str, ...] = ()  # what the copy's check found (not in the manifest)
 
     def manifest(self) -> dict:
         return {"sha256": self.sha256, "size": self.size, "created_at": self.created_at,
@@ -1204,7 +1205,8 @@ def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -
     _, created_at = utc_now()
     return Backup(path=final, sha256=sha256_of(partial), size=partial.stat().st_size,
                   created_at=created_at, source=str(instance.path), schema_version=version,
-                  reason=reason, sqlite_version=sqlite3.sqlite_version, verified=not problems)
+                  reason=reason, sqlite_version=sqlite3.sqlite_version, verified=not problems,
+                  problems=tuple(problems))
 
 
 def write_manifest(backup: Backup, partial: Path) -> None:

@@ -86,6 +86,8 @@ def create_at_base_version(workdir: Path, db_path: Path, migrations: Path) -> No
     subprocess.run([sys.executable, str(MIGRATE_CLI), "--config", str(ini), "--quiet",
                     "migrate", "template", "--create", "--to", str(BASE_VERSION)], check=True)
     ini.unlink()
+    # Its audit trail would make the next --create of 'template' look like a lost database.
+    shutil.rmtree(workdir / "backups" / "template", ignore_errors=True)
 
 
 def fill(conn: sqlite3.Connection, users: int, first_user: int = 1) -> None:
