@@ -32,8 +32,6 @@ import functools
 import hashlib
 import io
 import json
-import multiprocessing
-import multiprocessing.connection
 import re
 import shlex
 import shutil
@@ -873,13 +871,14 @@ def read_applied(conn: sqlite3.Connection) -> list[Applied]:
 
 def foreign_runner(conn: sqlite3.Connection) -> Runner | None:
     """The other runner whose tracking table this database holds, if ours is not there."""
-    tables: dict[str, frozenset] = {}
+    ours = frozenset(c for (c,) in conn.execute(TABLE_COLUMNS, ("schema_migrations",)))
+    if "description" in ours:
+        return None                     # ours (or the older in-house three-column table)
+    tables: dict[str, frozenset] = {"schema_migrations": ours}     # one query, not six
     for runner in RUNNERS:
         for table in (runner.table, runner.marker):
             if table and table not in tables:
                 tables[table] = frozenset(c for (c,) in conn.execute(TABLE_COLUMNS, (table,)))
-    if "description" in tables["schema_migrations"]:
-        return None                     # ours (or the older in-house three-column table)
     for runner in RUNNERS:
         if tables[runner.table] == runner.columns and (not runner.marker or tables[runner.marker]):
             return runner
@@ -2752,6 +2751,7 @@ def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> 
     attempted. A worker that dies fails its own instance only, and a new worker takes its
     place. If this process is interrupted it interrupts the workers; if it is killed, they
     notice and stop (worker_loop). Output is printed here, in file order."""
+    import multiprocessing.connection   # here, not at the top: only --jobs pays its import
     results: list[dict | None] = [None] * len(instances)
     texts = [""] * len(instances)
     queue = list(range(len(instances)))
@@ -2789,6 +2789,7 @@ class Worker:
     """A --jobs worker process, the pipe it takes instances from, and what it is doing."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        import multiprocessing
         self.conn, theirs = multiprocessing.Pipe()
         self.process = multiprocessing.Process(target=worker_loop, daemon=True,
                                                args=(args, theirs, os.getpid()))

@@ -38,7 +38,7 @@ import traceback
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 try:
     import fcntl
@@ -55,9 +55,13 @@ CONFIG_FILE = "instances.ini"
 CONFIG_ENV = "DB_MIGRATION_CONFIG"
 DEFAULTS = {"backup_dir": "backups", "migrations_dir": "migrations",
             "keep_backups": "30", "busy_timeout": "30", "protected": "no",
-            "keep_daily": "0", "keep_weekly": "0", "keep_monthly": "0"}
+            "keep_daily": "0", "keep_weekly": "0", "keep_monthly": "0", "verify": "full"}
 KNOWN_KEYS = {"path", "protected", "backup_dir", "migrations_dir", "keep_backups", "busy_timeout",
-              "keep_daily", "keep_weekly", "keep_monthly"}
+              "keep_daily", "keep_weekly", "keep_monthly", "verify"}
+# verify = quick: `backup` (the operator's reasons: manual, nightly, ...) checks its copy with quick_check;
+# a backup taken before a change (pre-migrate, pre-rollback, pre-restore) always runs the
+# full integrity_check, which also stands in for checking the live database.
+VERIFY_CHECKS = {"full": "integrity_check", "quick": "quick_check"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Why a backup was made, in its file name and manifest. `backup --reason` takes one the
 # operator chooses (cron: nightly); the others are the tool's own, taken before a change.
@@ -80,6 +84,7 @@ CHUNK = 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
 RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6   # a backup-API step that found another connection's lock
+T = TypeVar("T")
 
 # SQLite's own objects are named sqlite_... (any case); the escape keeps LIKE from
 # reading '_' as "any character", which would hide a table such as sqliteusers.
@@ -138,6 +143,7 @@ class Instance:
     keep_weekly: int = 0            # ... ISO weeks
     keep_monthly: int = 0           # ... months (all in UTC)
     same_file_as: tuple[str, ...] = ()  # other instance names for the same file (refused)
+    verify: str = "full"            # 'quick': nightly backups are checked with quick_check
 
     @property
     def home(self) -> Path:
@@ -167,12 +173,14 @@ class Backup:
     seconds: float = 0.0
     has_manifest: bool = True       # False: a .db file alone, listed as unverified
     problems: tuple[str, ...] = ()  # what the copy's check found (not in the manifest)
+    checked_with: str = "integrity_check"   # or quick_check (verify = quick)
 
     def manifest(self) -> dict:
+        weaker = {} if self.checked_with == "integrity_check" else {"checked_with": self.checked_with}
         return {"sha256": self.sha256, "size": self.size, "created_at": self.created_at,
                 "source": self.source, "schema_version": self.schema_version,
                 "reason": self.reason, "sqlite_version": self.sqlite_version,
-                "verified": self.verified}
+                "verified": self.verified, **weaker}
 
 
 @dataclass(frozen=True)
@@ -367,7 +375,8 @@ def section_settings(config: Path, section: configparser.SectionProxy) -> tuple[
                     keep_daily=whole_number(section, "keep_daily", where),
                     keep_weekly=whole_number(section, "keep_weekly", where),
                     keep_monthly=whole_number(section, "keep_monthly", where),
-                    busy_timeout=seconds(section, where), protected=flag(section, where))
+                    busy_timeout=seconds(section, where), protected=flag(section, where),
+                    verify=verify_setting(section, where))
     return raw_path, settings, where
 
 
@@ -414,6 +423,15 @@ def seconds(section: configparser.SectionProxy, where: str) -> float:
         value = -1.0
     if not 0 <= value < 86400:
         raise CommandError(f"{written_in(where, section, 'busy_timeout')}: busy_timeout must be a number of seconds", EXIT_USAGE)
+    return value
+
+
+def verify_setting(section: configparser.SectionProxy, where: str) -> str:
+    value = section["verify"].strip().lower()
+    if value not in VERIFY_CHECKS:
+        raise CommandError(f"{where}: verify must be full (integrity_check, the default) or "
+                           f"quick (quick_check, for nightly backups of very large databases)",
+                           EXIT_USAGE)
     return value
 
 
@@ -954,8 +972,9 @@ def create_backup(instance: Instance, reason: str = "manual", progress: Progress
 
     The copy is written to a hidden temporary name and only renamed into place,
     beside its manifest, once it is complete and synced; a crash leaves nothing
-    that looks like a backup. copy: how to take it (default copy_database).
-    progress: shows the copy and its verification on a terminal.
+    that looks like a backup. copy: how to take it (default copy_database); it writes
+    partial, and describe_copy syncs it. progress: shows the copy and its verification
+    on a terminal.
     """
     if not instance.path.is_file():
         raise CommandError(missing_database(instance))
@@ -1025,7 +1044,6 @@ def copy_database(instance: Instance, partial: Path) -> None:
             refuse_newer_schema(instance, source)
         if not copy_file_while_locked(source, instance.path, partial):
             copy_pages(source, partial, instance.busy_timeout)
-    fsync_path(partial)
 
 
 def copy_through_sqlite(instance: Instance, partial: Path) -> None:
@@ -1038,7 +1056,6 @@ def copy_through_sqlite(instance: Instance, partial: Path) -> None:
     with closing(sqlite3.connect(uri, uri=True, isolation_level=None,
                                  timeout=instance.busy_timeout)) as source:
         copy_pages(source, partial, instance.busy_timeout)
-    fsync_path(partial)
 
 
 def copy_file_while_locked(source: sqlite3.Connection, path: Path, partial: Path) -> bool:
@@ -1192,21 +1209,52 @@ def copy_raw(instance: Instance, partial: Path) -> None:
     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
     shutil.copyfile(instance.path, partial)
-    fsync_path(partial)
 
 
 def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -> Backup:
+    """Sync, check and hash the copy. The three run at once (the check on this thread, the
+    fsync and the SHA-256 on two others; each waits outside Python's lock), so a big backup
+    costs about its integrity_check, not the sum; all three finish before anything is named
+    a backup."""
+    quick = instance.verify == "quick" and reason in OPERATOR_REASONS
+    synced = beside(fsync_path, partial)
+    digest = beside(sha256_of, partial)
     try:
         with closing(open_path(partial, readonly=True)) as copy:
-            problems = integrity_problems(copy)
+            problems = integrity_problems(copy, quick=quick)
             version = schema_version(copy)
     except (CommandError, sqlite3.Error) as exc:
         problems, version = [str(exc)], None
+    finally:
+        synced()
     _, created_at = utc_now()
-    return Backup(path=final, sha256=sha256_of(partial), size=partial.stat().st_size,
+    return Backup(path=final, sha256=digest(), size=partial.stat().st_size,
                   created_at=created_at, source=str(instance.path), schema_version=version,
                   reason=reason, sqlite_version=sqlite3.sqlite_version, verified=not problems,
-                  problems=tuple(problems))
+                  problems=tuple(problems), checked_with=VERIFY_CHECKS["quick" if quick else "full"])
+
+
+def beside(work: Callable[..., T], *args) -> Callable[[], T]:
+    """Start work(*args) on another thread; the function returned waits for it and returns
+    its result, or raises its error."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work(*args)))
+        except BaseException as exc:    # handed to the waiting thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def wait() -> T:
+        thread.join()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+    return wait
 
 
 def write_manifest(backup: Backup, partial: Path) -> None:
@@ -1276,7 +1324,8 @@ def read_manifest(path: Path) -> Backup | None:
                       size=int(data["size"]), created_at=str(data["created_at"]),
                       source=str(data["source"]), schema_version=data.get("schema_version"),
                       reason=str(data["reason"]), sqlite_version=str(data.get("sqlite_version", "")),
-                      verified=data.get("verified") is True)
+                      verified=data.get("verified") is True,
+                      checked_with=str(data.get("checked_with", "integrity_check")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
 
@@ -1522,7 +1571,6 @@ def copy_held_file(held: int) -> Callable[[Instance, Path], None]:
         fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             copy_bytes(held, fd)
-            os.fsync(fd)
         finally:
             os.close(fd)
     return copy
@@ -1938,12 +1986,14 @@ def backup_as_json(instance: Instance, backup: Backup) -> dict:
     return {"name": instance.name, "path": str(backup.path), "size": backup.size,
             "sha256": backup.sha256, "seconds": round(backup.seconds, 3),
             "reason": backup.reason, "verified": backup.verified,
-            "created_at": backup.created_at, "schema_version": backup.schema_version}
+            "created_at": backup.created_at, "schema_version": backup.schema_version,
+            "checked_with": backup.checked_with}
 
 
 def format_backup(instance: Instance, backup: Backup, removed: list[Backup]) -> str:
     lines = [f"{instance.name}: backup {backup.path} ({human_size(backup.size)}, "
-             f"{backup.seconds:.2f}s){'' if backup.verified else ' UNVERIFIED'}"]
+             f"{backup.seconds:.2f}s){'' if backup.verified else ' UNVERIFIED'}"
+             f"{'' if backup.checked_with == 'integrity_check' else ' (verify = quick: quick_check only)'}"]
     if removed:
         lines.append(f"{instance.name}: removed {len(removed)} old backup(s) "
                      f"(retention: {describe_policy(retention_policy(instance))})")

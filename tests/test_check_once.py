@@ -10,7 +10,7 @@ import unittest
 from contextlib import closing
 from pathlib import Path
 
-from tests.support import ProjectTestCase, database_migration, query, sha256
+from tests.support import ProjectTestCase, database_migration, query, safe_db_update, sha256
 
 ADD_PHONE = """-- migrate:up
 ALTER TABLE user ADD COLUMN phone TEXT;
@@ -125,6 +125,50 @@ class HealthyDatabaseTests(CheckOnceTestCase):
         self.assertEqual(json.loads(out)["applied"], [3])
         self.assertEqual([m["verified"] for m in self.manifests()], [True])
         self.assertIn("phone", [c[1] for c in query(self.live, "PRAGMA table_info(user)")])
+
+
+class VerifyQuickTests(CheckOnceTestCase):
+    """verify = quick: nightly backups checked with quick_check, what it does not see."""
+
+    def set_verify(self, value: str) -> None:
+        self.config.write_text(self.config.read_text(encoding="utf-8").replace(
+            "[dev]\n", f"[dev]\nverify = {value}\n"), encoding="utf-8")
+
+    def test_a_nightly_backup_says_it_was_checked_with_quick_check_only(self) -> None:
+        self.set_verify("quick")
+        result = self.run_script("safe_db_update.py", "backup", "dev", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        data = json.loads(result.stdout)
+        self.assertEqual((data["verified"], data["checked_with"]), (True, "quick_check"))
+        self.assertEqual(self.manifests()[0]["checked_with"], "quick_check")
+        text = self.run_script("safe_db_update.py", "backup", "dev")
+        self.assertIn("verify = quick: quick_check only", text.stdout)
+
+    def test_the_default_manifest_is_unchanged(self) -> None:
+        code, out, err = self.run_cli(safe_db_update, "backup", "dev", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["checked_with"], "integrity_check")
+        self.assertNotIn("checked_with", self.manifests()[0])
+
+    def test_quick_does_not_see_an_index_out_of_step_but_migrate_still_does(self) -> None:
+        self.set_verify("quick")
+        self.point_index_at_another_column()
+        code, out, err = self.run_cli(safe_db_update, "backup", "dev", "--json")
+        self.assertEqual((code, json.loads(out)["verified"]), (0, True), err)   # documented
+        code, _, err = self.run_cli(safe_db_update, "verify", "dev")
+        self.assertEqual(code, 1, err)                 # verify runs the full check
+        self.add_pending()
+        before = sha256(self.live)
+        code, _, err = self.migrate("dev")
+        self.assertRefusedAsDamaged(code, err)         # pre-migrate: always integrity_check
+        self.assertEqual(sha256(self.live), before)
+
+    def test_an_unknown_value_is_a_configuration_error(self) -> None:
+        self.set_verify("sometimes")
+        result = self.run_script("safe_db_update.py", "backup", "dev")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("[dev]: verify must be full", result.stderr)
+        self.assertNoTraceback(result.stderr)
 
 
 if __name__ == "__main__":
