@@ -147,12 +147,18 @@ def next_version(db: Path) -> int:
     return max(100, version + 1)
 
 
-def pre_migrate_migrations(workdir: Path, db: Path) -> Path:
+def pre_migrate_migrations(workdir: Path, db: Path, name: str = "premigrate") -> Path:
     """0001-0003 and the cheap migrations earlier rounds applied (an O(1) CREATE TABLE each)."""
-    folder = workdir / "premigrate-migrations"
+    folder = workdir / f"{name}-migrations"
     folder.mkdir(exist_ok=True)
     for sql in sorted((fixtures.ROOT / "migrations").glob("*.sql")):
         shutil.copyfile(sql, folder / sql.name)
+    with sqlite3.connect(db) as conn:
+        applied = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+    conn.close()
+    for version in applied:
+        if version >= 100:
+            add_cheap_migration(folder, version)
     return folder
 
 
@@ -217,9 +223,7 @@ def measure_rebuild_under_writer(workdir: Path, big: Path, rate: int, mode: str)
     db = workdir / f"rebuild-{mode}.db"
     subprocess.run(["cp", str(big), str(db)], check=True)
     fixtures.set_journal_mode(db, mode)
-    folder = pre_migrate_migrations(workdir, db)
-    for extra in folder.glob("*_note_*.sql"):
-        extra.unlink()
+    folder = pre_migrate_migrations(workdir, db, "rebuild")
     (folder / "0099_rebuild_payment.sql").write_text(REBUILD, encoding="utf-8")
     ini = big_ini(workdir, "rebuild", db, folder)
     stop = workdir / "writer.stop"
