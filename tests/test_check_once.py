@@ -75,7 +75,7 @@ class DamagedDatabaseTests(CheckOnceTestCase):
         # The copy of the damaged snapshot is evidence, never a restore point.
         self.assertEqual([m["verified"] for m in self.manifests()], [False])
         self.assertIn(str(self.backups()[0]), err)
-        history = database_migration.read_history(self.instance())
+        history, _ = database_migration.read_history(self.instance())
         self.assertTrue(history[-1]["outcome"].startswith("failed"), history[-1])
 
     def test_an_index_that_only_integrity_check_sees_is_refused_as_damage(self) -> None:
