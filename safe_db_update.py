@@ -23,6 +23,7 @@ import configparser
 import contextlib
 import datetime
 import errno
+import functools
 import getpass
 import glob
 import hashlib
@@ -85,6 +86,9 @@ COPY_STEP = 64 * 1024 * 1024       # per copy_file_range call: no user memory
 RESTORE_STEP = 1024 * 1024          # bytes per backup-API step of a restore: fits SQLite's cache
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6   # a backup-API step that found another connection's lock
 T = TypeVar("T")
+# From this size a copy is synced, checked and hashed at once, on three threads; below it
+# the threads cost more than they save (a small fleet database takes a millisecond).
+VERIFY_AT_ONCE_BYTES = 32 * 1024 * 1024
 
 # SQLite's own objects are named sqlite_... (any case); the escape keeps LIKE from
 # reading '_' as "any character", which would hide a table such as sqliteusers.
@@ -1212,13 +1216,14 @@ def copy_raw(instance: Instance, partial: Path) -> None:
 
 
 def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -> Backup:
-    """Sync, check and hash the copy. The three run at once (the check on this thread, the
-    fsync and the SHA-256 on two others; each waits outside Python's lock), so a big backup
-    costs about its integrity_check, not the sum; all three finish before anything is named
-    a backup."""
+    """Sync, check and hash the copy. For a big copy the three run at once (the check on
+    this thread, the fsync and the SHA-256 on two others; each waits outside Python's
+    lock), so it costs about its integrity_check, not the sum; all three finish before
+    anything is named a backup."""
     quick = instance.verify == "quick" and reason in OPERATOR_REASONS
-    synced = beside(fsync_path, partial)
-    digest = beside(sha256_of, partial)
+    at_once = partial.stat().st_size >= VERIFY_AT_ONCE_BYTES
+    synced = beside(fsync_path, partial, at_once=at_once)
+    digest = beside(sha256_of, partial, at_once=at_once)
     try:
         with closing(open_path(partial, readonly=True)) as copy:
             problems = integrity_problems(copy, quick=quick)
@@ -1234,9 +1239,11 @@ def describe_copy(instance: Instance, partial: Path, final: Path, reason: str) -
                   problems=tuple(problems), checked_with=VERIFY_CHECKS["quick" if quick else "full"])
 
 
-def beside(work: Callable[..., T], *args) -> Callable[[], T]:
+def beside(work: Callable[..., T], *args, at_once: bool = True) -> Callable[[], T]:
     """Start work(*args) on another thread; the function returned waits for it and returns
-    its result, or raises its error."""
+    its result, or raises its error. Not at_once: the work runs when it is waited for."""
+    if not at_once:
+        return functools.partial(work, *args)
     outcome: list = []
 
     def run() -> None:
