@@ -1249,16 +1249,16 @@ def refuse_unsafe(state: State) -> None:
                            f"have (migrated by newer code?); nothing changed")
     failed = [p for p in state.problems if p.startswith("quick_check")]
     if failed:
-        raise CommandError(damaged(state.instance, failed[0]))
+        raise CommandError(damage_refusal(state.instance, failed[0]))
     if state.untracked:
         raise CommandError(f"{name}: untracked: {state.untracked}; nothing changed; "
                            f"{untracked_step(name, state.runner, state.untracked)}"
                            + ("" if state.untracked.startswith(HALF_MIGRATED) else ", then migrate"))
 
 
-def damaged(instance: Instance, problem: str, kept: str = "") -> str:
-    return (f"{instance.name}: {one_line(problem, instance)}; the database is damaged; nothing changed"
-            f"{kept}; {emergency_step(instance)}")
+def damage_refusal(instance: Instance, problem: str, kept: str = "") -> str:
+    return (f"{instance.name}: {one_line(problem, instance)}; the database is damaged; nothing "
+            f"changed{kept}; {emergency_step(instance)}")
 
 
 def refuse_damaged(instance: Instance) -> None:
@@ -1266,7 +1266,7 @@ def refuse_damaged(instance: Instance) -> None:
     with closing(open_readonly(instance)) as conn:
         problems = integrity_problems(conn, quick=True)
     if problems:
-        raise CommandError(damaged(instance, f"quick_check: {problems[0]}"))
+        raise CommandError(damage_refusal(instance, f"quick_check: {problems[0]}"))
 
 
 def plan_migrate(state: State, target: int | None, create: bool = False,
@@ -2265,8 +2265,8 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
         problem = backup.problems[0] if backup.problems else "failed"
         if not problem.startswith("integrity_check"):
             problem = f"integrity_check: {problem}"
-        raise CommandError(damaged(instance, problem, f"; its copy is kept for investigation, "
-                                                      f"marked unverified: {backup.path}"))
+        raise CommandError(damage_refusal(instance, problem, f"; its copy is kept for "
+                                          f"investigation, marked unverified: {backup.path}"))
     with closing(connect(instance)) as conn:
         applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry,
                              progress=progress)
