@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sqlite-tenants-", dir="/work"
-                                                    if os.path.isdir("/work") else None))
-    workdir = workdir.resolve() / "tenants-bench"
+    top = args.workdir or Path(tempfile.mkdtemp(prefix="sqlite-tenants-", dir="/work"
+                                                if os.path.isdir("/work") else None))
+    workdir = top.resolve() / "tenants-bench"
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         migrations = fixtures.write_migrations(workdir / "migrations")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown.write_text(text + "\n", encoding="utf-8")
     finally:
         if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(workdir if args.workdir else top, ignore_errors=True)
     return 0
 
 
