@@ -297,7 +297,7 @@ class InstalledCommandsTests(unittest.TestCase):
         offline = subprocess.run([str(cls.bin / "python"), "-c", "import setuptools, wheel"],
                                  capture_output=True).returncode == 0
         attempts = ([pip + ["--no-build-isolation", "--no-index", str(source)]] if offline else []) \
-            + [pip + [str(source)]]
+            + [pip + ["--retries", "0", "--timeout", "15", str(source)]]   # offline: fail fast
         for attempt in attempts:
             result = subprocess.run(attempt, capture_output=True, text=True, timeout=300,
                                     env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
