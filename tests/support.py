@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
@@ -118,6 +119,7 @@ class ProjectTestCase(unittest.TestCase):
     def run_cli(self, module, *argv: str) -> tuple[int, str, str]:
         """Run a CLI's main() in this process, stdin not a terminal."""
         database_migration._loaded.clear()
+        gc.collect()    # earlier tests' garbage warns now (ResourceWarning), not into err
         out, err = io.StringIO(), io.StringIO()
         stdin = sys.stdin
         sys.stdin = io.StringIO("")
