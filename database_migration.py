@@ -2719,11 +2719,17 @@ def migrate_many(args: argparse.Namespace, instances: list[Instance]) -> int:
         results = migrate_in_parallel(args, instances)
     else:
         results = migrate_in_order(args, instances)
-    failures = [r for r in results if r["result"] == "failed"]
+    return summarise(args, results, f"{args.command}: {{ok}} ok, {{failed}} failed, {{skipped}} skipped")
+
+
+def summarise(args: argparse.Namespace, results: list[dict], counts: str) -> int:
+    """The summary line of a run over many instances (counts filled in), each failure named
+    once (its error was printed as it happened); exit 1 if any failed."""
+    failures = [r["name"] for r in results if r["result"] == "failed"]
     skipped = sum(r["result"] == "skipped" for r in results)
-    summary = (f"{args.command}: {len(results) - len(failures) - skipped} ok, {len(failures)} failed, "
-               f"{skipped} skipped")
-    summary += "".join(f"\n  failed: {r['name']} (its error is above)" for r in failures)
+    summary = counts.format(ok=len(results) - len(failures) - skipped, failed=len(failures),
+                            skipped=skipped)
+    summary += "".join(f"\n  failed: {name} (its error is above)" for name in failures)
     emit(args, summary, {"instances": results})
     return EXIT_FAILED if failures else EXIT_OK
 
@@ -2956,13 +2962,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
             emit(args, format_adoption(adoption), {})
         results.append({**adoption_as_json(adoption), "error": None,
                         "result": "ok" if adoption.runner else "skipped"})
-    failures = [r for r in results if r["result"] == "failed"]
-    skipped = sum(r["result"] == "skipped" for r in results)
-    summary = (f"adopt: {len(results) - len(failures) - skipped} adopted, {len(failures)} failed, "
-               f"{skipped} already tracked")
-    summary += "".join(f"\n  failed: {r['name']} (its error is above)" for r in failures)
-    emit(args, summary, {"instances": results})
-    return EXIT_FAILED if failures else EXIT_OK
+    return summarise(args, results, "adopt: {ok} adopted, {failed} failed, {skipped} already tracked")
 
 
 def cmd_new(args: argparse.Namespace) -> int:
