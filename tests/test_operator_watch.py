@@ -98,7 +98,8 @@ class ProgressTests(ProjectTestCase):
         shown, rehearsed, hushed = tty.terminal_text(), dry.terminal_text(), quiet.terminal_text()
         out, err = pipe.communicate(timeout=60)
         for process in (tty, dry, quiet):
-            self.assertEqual(process.returncode, 0, process.stdout.read())
+            with process.stdout:
+                self.assertEqual(process.returncode, 0, process.stdout.read())
         self.assertEqual(pipe.returncode, 0, err)
 
         self.assertRegex(shown, r"dev: applying 0003 slow step \(\d+\.\d s so far\)")
