@@ -8,16 +8,25 @@ it commits; see DATABASE_MIGRATION_README.md.
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
+try:    # a Ctrl-C that arrives before the signal is held back: one line and 130 all the same
+    import os
+    import signal
+    import sys
 
-# Run as a command (this script, or the database-migration console script), not imported:
-# Ctrl-C is held back while the modules below load and the arguments are read, and
-# delivered as the command starts (see run()): one line and exit 130, not a traceback.
-if hasattr(signal, "pthread_sigmask") and (
-        __name__ == "__main__" or os.path.basename(sys.argv[0]) == "database-migration"):
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # Run as a command (this script, or the database-migration console script), not imported:
+    # Ctrl-C is held back while the modules below load and the arguments are read, and
+    # delivered as the command starts (see run()): one line and exit 130, not a traceback.
+    if hasattr(signal, "pthread_sigmask") and (
+            __name__ == "__main__" or os.path.basename(sys.argv[0]) == "database-migration"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+except KeyboardInterrupt:
+    import os
+    import sys
+    if __name__ != "__main__" and os.path.basename(sys.argv[0]) != "database-migration":
+        raise
+    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: interrupted\n")
+    raise SystemExit(130) from None
+
 # Run as a script (or a --jobs worker started afresh): the import of safe_db_update below
 # would write __pycache__/ into the project folder. No command writes bytecode there.
 if __name__ in ("__main__", "__mp_main__"):

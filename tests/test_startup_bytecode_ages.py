@@ -28,6 +28,24 @@ if __name__ == '__main__':
     sys.exit(main())
 """
 
+# Sends SIGINT to itself when the script named by $INTERRUPT_IN reaches its first import
+# after `from __future__` (which must come first, so nothing can catch an interrupt there).
+SEND_SIGINT_AT_FIRST_IMPORT = """
+import os, signal, sys
+def trace(frame, event, arg):
+    if frame.f_code.co_name == "<module>" and frame.f_code.co_filename.endswith(
+            os.environ["INTERRUPT_IN"]):
+        return on_line
+def on_line(frame, event, arg):
+    if event == "line" and open(frame.f_code.co_filename).read().splitlines()[
+            frame.f_lineno - 1].strip() == "import os":
+        sys.settrace(None)
+        os.kill(os.getpid(), signal.SIGINT)
+        return None
+    return on_line
+sys.settrace(trace)
+"""
+
 OUR_FRAME = re.compile(r'File "[^"]*?(database_migration|safe_db_update)\.py", line (\d+)')
 
 
@@ -141,6 +159,24 @@ class InterruptAtStartUpTests(ProjectTestCase):
         self.assertIn(signal.SIGINT, signal.pthread_sigmask(signal.SIG_BLOCK, ()),
                       "held back again once the command is over")
 
+
+    def test_an_interrupt_before_the_script_holds_ctrl_c_back_is_one_line_and_exit_130(
+            self) -> None:
+        # A sitecustomize sends SIGINT from a trace function as the script's first import
+        # runs (the moment before the signal is held back), every time, not by chance.
+        site = self.root / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SEND_SIGINT_AT_FIRST_IMPORT, encoding="utf-8")
+        for script in SCRIPTS:
+            with self.subTest(script=script):
+                result = subprocess.run([sys.executable, str(ROOT / script), "--config",
+                                         str(self.config), "backup", "dev"],
+                                        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                        env={**os.environ, "PYTHONPATH": str(site),
+                                             "INTERRUPT_IN": script}, timeout=60)
+                self.assertEqual((result.returncode, result.stderr),
+                                 (130, f"{script}: interrupted\n"))
+                self.assertFalse(self.touched())
 
     def release_interrupts(self) -> None:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)    # drops one still pending
