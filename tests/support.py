@@ -6,6 +6,7 @@ import gc
 import hashlib
 import io
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -154,3 +155,16 @@ class ProjectTestCase(unittest.TestCase):
 
     def assertNoTraceback(self, text: str) -> None:
         self.assertNotIn("Traceback", text)
+
+
+def damage_a_page(live: Path) -> None:
+    """Garbage over one page in the middle of a database file (grown first); the header stays."""
+    with closing(sqlite3.connect(live)) as conn:
+        conn.executemany("INSERT INTO user (id, email, name) VALUES (?, ?, ?)",
+                         [(i, f"bulk{i}@x", "n" * 300) for i in range(10_000, 12_000)])
+        conn.commit()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = live.stat().st_size // page_size
+    with open(live, "r+b") as handle:
+        handle.seek(page_size * (pages // 2))
+        handle.write(random.Random(9).randbytes(page_size))

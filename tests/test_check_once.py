@@ -4,13 +4,13 @@ of its copy stands in for a quick_check of the live file (issue 12, item 1)."""
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 import unittest
 from contextlib import closing
 from pathlib import Path
 
-from tests.support import ProjectTestCase, database_migration, query, safe_db_update, sha256
+from tests.support import (ProjectTestCase, damage_a_page, database_migration, query,
+                           safe_db_update, sha256)
 
 ADD_PHONE = """-- migrate:up
 ALTER TABLE user ADD COLUMN phone TEXT;
@@ -27,16 +27,7 @@ class CheckOnceTestCase(ProjectTestCase):
         self.write_migration("0003_add_phone.sql", ADD_PHONE)
 
     def damage_a_page(self) -> None:
-        """Garbage over one page in the middle of the live file; the header stays."""
-        with closing(sqlite3.connect(self.live)) as conn:
-            conn.executemany("INSERT INTO user (id, email, name) VALUES (?, ?, ?)",
-                             [(i, f"bulk{i}@x", "n" * 300) for i in range(10_000, 12_000)])
-            conn.commit()
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = self.live.stat().st_size // page_size
-        with open(self.live, "r+b") as handle:
-            handle.seek(page_size * (pages // 2))
-            handle.write(random.Random(9).randbytes(page_size))
+        damage_a_page(self.live)
 
     def point_index_at_another_column(self) -> None:
         """An index whose entries no longer match its table: quick_check passes, only

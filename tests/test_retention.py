@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import random
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +24,8 @@ try:
 except ImportError:     # pragma: no cover - Windows: no flock, no lock to hold
     fcntl = None
 
-from tests.support import ROOT, ProjectTestCase, database_migration, query, safe_db_update, sha256
+from tests.support import (ROOT, ProjectTestCase, damage_a_page, database_migration, query,
+                           safe_db_update, sha256)
 
 SAFETY_TIMEOUT = 30     # seconds; only so that a hang fails instead of blocking CI
 
@@ -98,16 +98,7 @@ class RetentionTestCase(ProjectTestCase):
         return json.loads(Path(f"{backup}.json").read_text(encoding="utf-8"))
 
     def damage_a_page(self) -> None:
-        """Garbage over one page in the middle of the live file; the header stays."""
-        with closing(sqlite3.connect(self.live)) as conn:
-            conn.executemany("INSERT INTO user (id, email, name) VALUES (?, ?, ?)",
-                             [(i, f"bulk{i}@x", "n" * 300) for i in range(10_000, 12_000)])
-            conn.commit()
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = self.live.stat().st_size // page_size
-        with open(self.live, "r+b") as handle:
-            handle.seek(page_size * (pages // 2))
-            handle.write(random.Random(9).randbytes(page_size))
+        damage_a_page(self.live)
 
 
 class DamagedDatabaseTests(RetentionTestCase):
