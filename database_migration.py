@@ -1278,6 +1278,23 @@ def refuse_damaged(instance: Instance) -> None:
         raise CommandError(damage_refusal(instance, f"quick_check: {problems[0]}"))
 
 
+def verified_backup(instance: Instance, reason: str, entry: dict,
+                    progress: Progress | None = None) -> Backup:
+    """The backup every change starts with (under the instance lock), in the audit entry.
+
+    Its copy's integrity_check is the check of the live database's snapshot: a copy that
+    fails it means the database is damaged, and nothing is changed."""
+    backup, _ = backup_with_retention(instance, reason, progress)
+    entry["backup"] = str(backup.path)
+    if not backup.verified:
+        problem = backup.problems[0] if backup.problems else "failed"
+        if not problem.startswith("integrity_check"):
+            problem = f"integrity_check: {problem}"
+        raise CommandError(damage_refusal(instance, problem, f"; its copy is kept for "
+                                          f"investigation, marked unverified: {backup.path}"))
+    return backup
+
+
 def plan_migrate(state: State, target: int | None, create: bool = False,
                  allow_row_loss: tuple[str, ...] = ()) -> Plan:
     name, current = state.instance.name, state.current_version or 0
@@ -1921,11 +1938,7 @@ def rollback_instance(args: argparse.Namespace, instance: Instance) -> Outcome:
         if plan.destructive:
             confirm_destructive(args, plan)
         with instance_lock(instance, "rollback"):
-            backup, _ = backup_with_retention(instance, "pre-rollback")
-            entry["backup"] = str(backup.path)
-            if not backup.verified:
-                raise CommandError(f"{instance.name}: the pre-rollback backup failed its integrity "
-                                   f"check ({backup.path}); nothing changed")
+            backup = verified_backup(instance, "pre-rollback", entry)
             expected = expected_schema(migrations, tuple(a.version for a in state.applied
                                                          if a.version <= plan.to_version),
                                        read_schema_records(instance))
@@ -1966,8 +1979,7 @@ def baseline_instance(args: argparse.Namespace, instance: Instance) -> tuple[tup
                                f"{args.to} ({len(differences)} difference(s); first: "
                                f"{differences[0]}); nothing recorded; --force records anyway")
         with instance_lock(instance, "baseline"):
-            backup, _ = backup_with_retention(instance, "pre-migrate")
-            entry["backup"] = str(backup.path)
+            backup = verified_backup(instance, "pre-migrate", entry)
             try:
                 with closing(connect(instance)) as conn, migration_transaction(conn, entry):
                     ensure_tracking_table(conn, migrations)
@@ -2009,11 +2021,7 @@ def adopt_instance(args: argparse.Namespace, instance: Instance) -> Adoption:
                                f"({len(differences)} difference(s); first: {differences[0]}); "
                                f"nothing recorded; --force records anyway")
         with instance_lock(instance, "adopt"):
-            backup, _ = backup_with_retention(instance, "pre-migrate")
-            entry["backup"] = str(backup.path)
-            if not backup.verified:
-                raise CommandError(f"{instance.name}: the pre-migrate backup failed its integrity "
-                                   f"check ({backup.path}); nothing changed")
+            backup = verified_backup(instance, "pre-migrate", entry)
             try:
                 with closing(connect(instance)) as conn, migration_transaction(conn, entry):
                     if foreign_runner(conn) != runner or read_runner_rows(conn, instance, runner) != rows:
@@ -2268,14 +2276,7 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
         applied = create_database(instance, migrations, plan, entry, progress)
         entry["version_after"] = plan.to_version
         return None, applied
-    backup, _ = backup_with_retention(instance, "pre-migrate", progress)
-    entry["backup"] = str(backup.path)
-    if not backup.verified:             # its snapshot is the live database's: damaged
-        problem = backup.problems[0] if backup.problems else "failed"
-        if not problem.startswith("integrity_check"):
-            problem = f"integrity_check: {problem}"
-        raise CommandError(damage_refusal(instance, problem, f"; its copy is kept for "
-                                          f"investigation, marked unverified: {backup.path}"))
+    backup = verified_backup(instance, "pre-migrate", entry, progress)
     with closing(connect(instance)) as conn:
         applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry,
                              progress=progress)

@@ -107,6 +107,34 @@ class DamagedDatabaseTests(CheckOnceTestCase):
         self.assertEqual(self.backups(), [])
 
 
+class EveryChangeStartsWithAVerifiedBackupTests(CheckOnceTestCase):
+    """rollback, baseline and adopt share migrate's rule: a pre-change backup whose copy
+    fails integrity_check means the database is damaged, and nothing is changed."""
+
+    def test_rollback_of_a_database_only_integrity_check_sees_as_damaged_is_refused(self) -> None:
+        self.write_migration("0003_add_phone.sql", ADD_PHONE + "-- migrate:down\n"
+                             "ALTER TABLE user DROP COLUMN phone;\n")
+        code, _, err = self.migrate("dev")
+        self.assertEqual(code, 0, err)
+        self.point_index_at_another_column()
+        before = sha256(self.live)
+        code, _, err = self.run_cli(database_migration, "rollback", "dev", "--to", "2", "--yes")
+        self.assertRefusedAsDamaged(code, err)
+        self.assertEqual(sha256(self.live), before)
+        self.assertIn("phone", [c[1] for c in query(self.live, "PRAGMA table_info(user)")])
+
+    def test_baseline_of_a_damaged_database_records_nothing(self) -> None:
+        with closing(sqlite3.connect(self.live)) as conn:     # a database made without the tool
+            conn.execute("DROP TABLE schema_migrations")
+            conn.commit()
+        damage_a_page(self.live)
+        before = sha256(self.live)
+        code, _, err = self.run_cli(database_migration, "baseline", "dev", "--to", "2", "--force")
+        self.assertRefusedAsDamaged(code, err)
+        self.assertEqual(sha256(self.live), before)
+        self.assertEqual([m["verified"] for m in self.manifests()], [False])
+
+
 class HealthyDatabaseTests(CheckOnceTestCase):
 
     def test_a_healthy_database_is_migrated_after_one_verified_backup(self) -> None:
