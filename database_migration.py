@@ -188,6 +188,11 @@ REFUSED = ("not allowed in a migration: it would leave the run's transaction or 
            "another file")         # the authorizer refused something the text did not show
 SQLITE_PRAGMA, SQLITE_TRANSACTION = 19, 22      # the authorizer's action codes
 SQLITE_ATTACH, SQLITE_DETACH, SQLITE_FUNCTION = 24, 25, 31
+# Actions that write a table's rows or definition, and which argument names the table
+# (ALTER TABLE's first is the schema). SQLite asks for each statement as it is compiled,
+# the statements of the triggers it fires included, so these are every table a run wrote:
+# CREATE_TABLE, DELETE, DROP_TABLE, INSERT, UPDATE, ALTER_TABLE, CREATE_VTABLE, DROP_VTABLE.
+WRITES_TABLE = {2: 0, 9: 0, 11: 0, 18: 0, 23: 0, 26: 1, 29: 0, 30: 0}
 
 TRACKING_TABLE = """
     CREATE TABLE schema_migrations (
@@ -203,6 +208,12 @@ RECORD_APPLIED = """
     VALUES (?, ?, ?, ?)
 """
 FORGET_APPLIED = "DELETE FROM schema_migrations WHERE version = ?"
+TABLE_NAMES = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid"
+TABLE_DEFINITIONS = "SELECT name, sql FROM sqlite_master WHERE type = 'table'"
+REFERENCES = """
+    SELECT m.name, r."table" FROM sqlite_master AS m, pragma_foreign_key_list(m.name) AS r
+    WHERE m.type = 'table'
+"""
 FILL_CHECKSUM = "UPDATE schema_migrations SET checksum = ? WHERE version = ? AND checksum IS NULL"
 # Tracking tables (ours, and those other runners leave behind) and what belongs to
 # them (golang-migrate's index, Rails' metadata) are not the application's schema:
@@ -1339,11 +1350,16 @@ class TransactionGuard:
         self.conn = conn
         self.refused = ""           # what it refused first, while active
         self.interrupted = False    # a Ctrl-C arrived while active
+        self.written: set[str] = set()  # tables written while active (lower case)
 
     def __call__(self, action, first, second, *_):
-        if self.active and (escapes(action, first, second) or not self.conn.in_transaction):
+        if not self.active:
+            return sqlite3.SQLITE_OK
+        if escapes(action, first, second) or not self.conn.in_transaction:
             self.refused = self.refused or (REFUSED if self.conn.in_transaction else TRANSACTION_ENDED)
             return sqlite3.SQLITE_DENY
+        if action in WRITES_TABLE:
+            self.written.add(((first, second)[WRITES_TABLE[action]] or "").lower())
         return sqlite3.SQLITE_OK
 
     def note_interrupt(self, *_) -> None:
@@ -1787,13 +1803,15 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
                                f"made; nothing done; run the command again")
         progress.step("counting rows (for the lost-row guard)")
         before = row_counts(conn)
+        definitions = table_definitions(conn)
         ensure_tracking_table(conn, migrations)
         ledger = RowLedger(plan)
         done = run_migrations(conn, plan.migrations, plan.direction, backup_note, record=True,
                               ledger=ledger, schema_records=schema_records, progress=progress,
                               guard=guard)
         progress.step("checking foreign keys and row counts, then committing")
-        check_before_commit(conn, plan, before, backup_note, ledger)
+        check_before_commit(conn, plan, before, backup_note, ledger,
+                            tables_to_check(conn, guard.written, definitions))
         if expected is not None:
             differences = compare_schemas(expected, schema_of(conn))
             if differences:
@@ -1805,9 +1823,36 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
     return done
 
 
+def table_definitions(conn: sqlite3.Connection) -> dict[str, str]:
+    """Each table's CREATE statement, by its name in lower case."""
+    return {name.lower(): sql for name, sql in conn.execute(TABLE_DEFINITIONS).fetchall()}
+
+
+def tables_to_check(conn: sqlite3.Connection, written: set[str], before: dict[str, str]) -> list[str]:
+    """The tables whose references the run can have broken (foreign keys are off during
+    it): each table it wrote, created, altered, renamed or dropped, and each table whose
+    foreign keys refer to one of those. A reference elsewhere is as the run found it."""
+    after = table_definitions(conn)
+    changed = written | {t for t in before.keys() | after.keys() if before.get(t) != after.get(t)}
+    parents: dict[str, set[str]] = {}
+    for child, parent in conn.execute(REFERENCES).fetchall():
+        parents.setdefault(child, set()).add(parent.lower())
+    return [name for (name,) in conn.execute(TABLE_NAMES).fetchall()
+            if name.lower() in changed or parents.get(name, set()) & changed]
+
+
+def broken_references(conn: sqlite3.Connection, tables: list[str]) -> list[tuple]:
+    """PRAGMA foreign_key_check of each table: (table, rowid, parent, index) per broken row."""
+    broken: list[tuple] = []
+    for table in tables:
+        quoted = '"' + table.replace('"', '""') + '"'
+        broken += conn.execute(f"PRAGMA foreign_key_check({quoted})").fetchall()
+    return broken
+
+
 def check_before_commit(conn: sqlite3.Connection, plan: Plan, before: dict[str, int],
-                        note: str, ledger: RowLedger) -> None:
-    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                        note: str, ledger: RowLedger, tables: list[str]) -> None:
+    broken = broken_references(conn, tables)
     if broken:
         table, rowid, parent, _ = broken[0]
         culprit = last_touching(plan.migrations, plan.direction, (table, parent))
