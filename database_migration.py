@@ -988,7 +988,9 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
             applied = read_applied(conn)
             drift, unchecked = schema_drift(conn, migrations, applied,
                                             read_schema_records(instance)) if with_drift else ((), "")
-            runner = foreign_runner(conn)
+            # Rows read means our own table (read_applied reads no other runner's): no
+            # need to look for another runner's tables, which costs a query per instance.
+            runner = None if applied else foreign_runner(conn)
             untracked = untracked_reason(conn, applied, runner)
     except (CommandError, sqlite3.Error, OSError, ValueError, TypeError) as exc:
         return State(instance=instance, exists=True, current_version=None, latest_version=latest,
@@ -1039,13 +1041,18 @@ def shadow_tables(conn: sqlite3.Connection) -> set[str]:
     return shadows
 
 
-def master_sql(conn: sqlite3.Connection) -> dict[str, str]:
+def master_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str | None]]:
+    """sqlite_master's (type, name, SQL) as SQLite keeps them, in one fixed order."""
+    return conn.execute(MASTER_ROWS).fetchall()
+
+
+def master_sql(conn: sqlite3.Connection, rows: list | None = None) -> dict[str, str]:
     """sqlite_master's SQL text, white space normalised: the cheap first comparison."""
     return {f"{kind} {name}": " ".join((sql or "").split())
-            for kind, name, sql in conn.execute(MASTER_ROWS)}
+            for kind, name, sql in (master_rows(conn) if rows is None else rows)}
 
 
-_expected_schemas: dict[tuple, tuple[dict[str, str], dict[str, str]] | None] = {}
+_expected_schemas: dict[tuple, tuple[dict[str, object], dict[str, str], list] | None] = {}
 
 
 def expected_schema(migrations: list[Migration], versions: tuple[int, ...],
@@ -1057,7 +1064,8 @@ def expected_schema(migrations: list[Migration], versions: tuple[int, ...],
 
 def expected_schemas(migrations: list[Migration], versions: tuple[int, ...],
                      records: dict[int, dict] | None = None):
-    """(normalised schema, sqlite_master SQL) of these versions built in memory, cached.
+    """(normalised schema, sqlite_master SQL, sqlite_master rows as written) of these
+    versions built in memory, cached.
 
     No Python migration's code runs here: what one did to the schema comes from the
     record kept when it was applied (see keep_schema_records). None when a Python
@@ -1075,7 +1083,7 @@ def expected_schemas(migrations: list[Migration], versions: tuple[int, ...],
                     if start:
                         recreate_objects(conn, start["objects"])
                     run_migrations(conn, rest, "up")
-                _expected_schemas[key] = (schema_of(conn), master_sql(conn))
+                _expected_schemas[key] = (schema_of(conn), master_sql(conn), master_rows(conn))
             except (CommandError, sqlite3.Error):
                 _expected_schemas[key] = None
     return _expected_schemas[key]
@@ -1175,11 +1183,14 @@ def schema_drift(conn: sqlite3.Connection, migrations: list[Migration], applied:
     expected = expected_schemas(migrations, versions, records)
     if expected is None:
         return (), unchecked_reason(migrations, versions, records)
-    shape, sql = expected
-    actual_sql = master_sql(conn)
+    shape, sql, rows = expected
+    actual_rows = master_rows(conn)
+    if actual_rows == rows:
+        return (), ""                   # the common case: every object as the migrations wrote it
+    actual_sql = master_sql(conn, actual_rows)
     changed = {key for key in set(sql) | set(actual_sql) if sql.get(key) != actual_sql.get(key)}
     if not changed:
-        return (), ""                   # the common case: one query, no column reads
+        return (), ""                   # written differently (white space) but the same
     # Only objects whose text differs are compared by shape (a table's columns), so
     # that a harmless difference in how a CREATE was written is not drift.
     return compare_schemas({k: v for k, v in shape.items() if k in changed},

@@ -94,6 +94,8 @@ def measure(workdir: Path, template: Path, migrations: Path, count: int, jobs: i
     os.sync()
     result["migrate"] = run(base + ["migrate", "tenants", "--jobs", str(jobs), "--quiet"])
     result["status after"] = run(base + ["status"])
+    fixtures.add_own_table(fleet)
+    result["status drift"] = run(base + ["status"])
     return result
 
 
@@ -107,7 +109,8 @@ def report(results: list[dict], jobs: int, command: str) -> str:
     for key, label in (("status", "`status` (pending)"), ("status limit", "limit: reference.py status"),
                        ("backup", "`backup tenants`"),
                        ("migrate", f"`migrate tenants --jobs {jobs}`"),
-                       ("status after", "`status` (up to date)")):
+                       ("status after", "`status` (up to date)"),
+                       ("status drift", "`status` (drift: a table of its own in each)")):
         per = [r[key]["seconds"] / r["tenants"] * 1000 for r in results]
         cells = [f"{r[key]['seconds']:.2f} s ({p:.2f} ms each)" for r, p in zip(results, per)]
         peak = max(r[key]["peak_mib"] for r in results)
