@@ -983,6 +983,7 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
                      pending=tuple(migrations))
     try:
         with closing(open_readonly(instance)) as conn:
+            conn.execute("BEGIN")       # one snapshot for every read below, under one shared lock
             problems = [f"quick_check: {p}" for p in integrity_problems(conn, quick=True)] \
                 if quick_check else []
             applied = read_applied(conn)

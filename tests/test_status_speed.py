@@ -177,5 +177,28 @@ class FleetStatusStatesTests(FleetCase):
         self.assertEqual(rows, {"tenants/fine": "up to date", "solo": "missing"})
 
 
+class OneSnapshotTests(FleetCase):
+    """status reads each database in one read transaction: one snapshot, no write lock."""
+
+    def test_a_writers_open_transaction_neither_blocks_status_nor_shows_in_it(self) -> None:
+        path = self.made("busy")
+        writer = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(writer.close)
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("CREATE TABLE half_done (id INTEGER PRIMARY KEY)")
+        code, rows = self.status()
+        self.assertEqual((code, rows["busy"]["state"]), (0, "up to date"))
+        writer.execute("COMMIT")
+        self.assertEqual(self.status()[1]["busy"]["state"], "drift")
+
+    def test_a_wal_database_nobody_has_open_is_read_and_left_without_wal_files(self) -> None:
+        path = self.made("wal")
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+        code, rows = self.status()
+        self.assertEqual((code, rows["wal"]["state"]), (0, "up to date"))
+        self.assertFalse([p.name for p in path.parent.iterdir() if p.name != "wal.db"])
+
+
 if __name__ == "__main__":
     unittest.main()
