@@ -81,8 +81,9 @@ def versions_of(fleet: Path) -> list[int]:
 
 
 def measure_fleet(workdir: Path, migrations: Path, template: Path, count: int,
-                  jobs: bool) -> dict:
-    """migrate-all (sequential, optionally --jobs 2) and status, each beside its limit."""
+                  jobs: bool, old_code: Path | None = None) -> dict:
+    """migrate-all (sequential, optionally --jobs 2) and status, each beside its limit;
+    old_code: also the status of that checkout's database_migration.py, in the same round."""
     reference_fleet = fresh_fleet(workdir, "ref_fleet", template, count)
     ref = run([PY, REFERENCE, "migrate", str(reference_fleet), str(migrations),
                str(workdir / "ref_backups")]).check("reference migrate")
@@ -93,13 +94,18 @@ def measure_fleet(workdir: Path, migrations: Path, template: Path, count: int,
     assert versions_of(fleet) == [LATEST_VERSION], "migrate-all did not reach the latest version"
     status = run(product(MIGRATE_CLI, ini, "status")).check("status")
     status_ref = run([PY, REFERENCE, "status", str(fleet)]).check("reference status")
-    assert not any(word in status.stdout for word in ("drift", "error", "pending", "modified")), \
+    checked_ref = run([PY, REFERENCE, "status-checked", str(fleet)]).check("reference status-checked")
+    old = run(product(old_code / MIGRATE_CLI.name, ini, "status")).check("status (old code)") \
+        if old_code else None
+    assert all("up to date" in line for line in status.stdout.splitlines()[1:]), \
         f"the migrated fleet is not up to date: {status.stdout[-300:]}"
     fixtures.add_own_table(fleet)               # the second figure: every tenant in drift
     drift = run(product(MIGRATE_CLI, ini, "status")).check("status (drift)")
     drift_ref = run([PY, REFERENCE, "status", str(fleet)]).check("reference status (drift)")
     result = {"instances": count, "migrate": seq, "migrate_ref": ref, "status": status,
-              "status_ref": status_ref, "status_drift": drift, "status_drift_ref": drift_ref}
+              "status_ref": status_ref, "status_checked_ref": checked_ref,
+              "status_drift": drift, "status_drift_ref": drift_ref,
+              **({"status_old": old} if old else {})}
     if jobs:
         fleet = fresh_fleet(workdir, "fleet", template, count)
         result["migrate_jobs2"] = run(product(MIGRATE_CLI, ini, "migrate-all", "--jobs", "2",
@@ -274,6 +280,15 @@ def main_rows(fleet: dict, startup: dict, big: dict, writers: list[dict]) -> lis
     rows.append([f"status, {n} instances (up to date)", secs(fleet["status"]),
                  secs(fleet["status_ref"]), f"{r:.2f}x", mib(fleet["status"]), "<= 2x",
                  verdict(r <= 2)])
+    r = ratio(fleet["status_checked_ref"], fleet["status_ref"])
+    rows.append([f"  the limit plus `PRAGMA quick_check` of each ({n} instances)",
+                 secs(fleet["status_checked_ref"]), secs(fleet["status_ref"]), f"{r:.2f}x",
+                 mib(fleet["status_checked_ref"]), "-", "-"])
+    if "status_old" in fleet:
+        r = ratio(fleet["status_old"], fleet["status_ref"])
+        rows.append([f"  status, {n} instances (up to date), the code in --old-code",
+                     secs(fleet["status_old"]), secs(fleet["status_ref"]), f"{r:.2f}x",
+                     mib(fleet["status_old"]), "-", "-"])
     r = ratio(fleet["status_drift"], fleet["status_drift_ref"])
     rows.append([f"status, {n} instances, each with a table of its own (drift)",
                  secs(fleet["status_drift"]), secs(fleet["status_drift_ref"]), f"{r:.2f}x",
@@ -377,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument("--fleet-only", action="store_true",
                         help="only migrate-all, --jobs 2, status and start-up (no big database)")
+    parser.add_argument("--old-code", type=Path,
+                        help="a checkout of older code: its status is timed in the same rounds")
     parser.add_argument("--fleet-repeat", type=int, default=1,
                         help="rounds of the largest fleet (interleaved; medians)")
     return parser
@@ -407,7 +424,8 @@ def run_benchmarks(args, workdir: Path, instances: int, size_mib: float, command
         rounds = args.fleet_repeat if count == instances else 1
         progress(f"fleet of {count}: migrate-all, status ({rounds} round(s))")
         fleets.append(median_fleet([measure_fleet(workdir, migrations, template, count,
-                                                  count == instances) for _ in range(rounds)]))
+                                                  count == instances, args.old_code)
+                                    for _ in range(rounds)]))
     progress("start-up")
     startup = measure_startup(workdir, args.startup_repeat)
     sizes = []
