@@ -2,7 +2,8 @@
 
 Real files in a temporary folder. status reads a database once per instance; what it
 shows must not depend on which path found it: the drift check's exact-text shortcut,
-and another runner's tables looked for only when ours holds no row.
+another runner's tables looked for only when ours holds no row, and all of an
+instance's reads in one read transaction.
 """
 
 from __future__ import annotations
