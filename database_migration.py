@@ -987,8 +987,10 @@ def inspect(instance: Instance, migrations: list[Migration], quick_check: bool =
             problems = [f"quick_check: {p}" for p in integrity_problems(conn, quick=True)] \
                 if quick_check else []
             applied = read_applied(conn)
-            drift, unchecked = schema_drift(conn, migrations, applied,
-                                            read_schema_records(instance)) if with_drift else ((), "")
+            # The records tell what Python migrations did; without one, none is read.
+            records = read_schema_records(instance) if any(m.python for m in migrations) else {}
+            drift, unchecked = schema_drift(conn, migrations, applied, records) \
+                if with_drift else ((), "")
             # Rows read means our own table (read_applied reads no other runner's): no
             # need to look for another runner's tables, which costs a query per instance.
             runner = None if applied else foreign_runner(conn)
