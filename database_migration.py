@@ -468,8 +468,12 @@ def unterminated(script: str, start: int, where: str, first_line: int, what: str
                        f"still open at the end of the text; close it", EXIT_USAGE)
 
 
+@functools.lru_cache(maxsize=4096)
 def bare_sql(statement: str) -> str:
-    """The statement without comments and string literals, upper-cased, for classifying."""
+    """The statement without comments and string literals, upper-cased, for classifying.
+
+    Cached, as destructive_kind is: a fleet runs the same statements on every member, and
+    the answer depends on the text alone."""
     # One left-to-right pass, so a quote inside a comment (-- don't) or a comment
     # marker inside a string or quoted name ('a--b', "x/*y") is not mistaken for one.
     text = re.sub(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|--[^\n]*|/\*.*?(?:\*/|$)""",
@@ -478,7 +482,11 @@ def bare_sql(statement: str) -> str:
     return " ".join(text.split()).upper()
 
 
+@functools.lru_cache(maxsize=4096)
 def destructive_kind(statement: str) -> str:
+    """'' or why the statement can destroy data; depends on the text alone (always_true
+    runs the condition on an empty in-memory database), so it is worked out once per
+    statement, not once per member of a fleet."""
     sql = bare_sql(statement)
     for kind, pattern in DESTRUCTIVE:
         if pattern.match(sql):

@@ -97,6 +97,9 @@ T = TypeVar("T")
 # From this size a copy is synced, checked and hashed at once, on three threads; below it
 # the threads cost more than they save (a small fleet database takes a millisecond).
 VERIFY_AT_ONCE_BYTES = 32 * 1024 * 1024
+# The folders below backup_dir that make_private_folder has vouched for during the write
+# command under way on one instance (see vouched_once); empty outside one: every call checks.
+VOUCHED: list[set[Path]] = []
 
 # SQLite's own objects are named sqlite_... (any case); the escape keeps LIKE from
 # reading '_' as "any character", which would hide a table such as sqliteusers.
@@ -784,26 +787,59 @@ def make_private_folder(instance: Instance, folder: Path) -> None:
     itself may be a symbolic link an administrator made), every level must be a real
     folder, owned by this user or root and not writable by other users: otherwise another
     user could put links where the lock, the audit trail or a backup is written. The
-    instance's own folders below backup_dir are made 0700 when they are ours.
+    instance's own folders below backup_dir are made 0700 when they are ours. Within
+    vouched_once, a level already vouched for is not looked at again.
     """
+    vouched = VOUCHED[-1] if VOUCHED else set()
+    if folder in vouched:
+        return
     try:
-        make_folders(instance.backup_dir)
-        check_private(instance.backup_dir, os.stat(instance.backup_dir))
-        level = instance.backup_dir
+        if instance.backup_dir not in vouched:
+            make_folders(instance.backup_dir)
+            check_private(instance.backup_dir, os.stat(instance.backup_dir))
+        level, chain = instance.backup_dir, [instance.backup_dir]
         for part in folder.relative_to(instance.backup_dir).parts:
             level = level / part
-            make_folder(level)
-            info = os.lstat(level)
-            if stat.S_ISLNK(info.st_mode):
-                raise CommandError(f"{level} is a symbolic link; backups must live in a real folder")
-            if info.st_uid == getattr(os, "geteuid", lambda: -1)() \
-                    and stat.S_IMODE(info.st_mode) != 0o700:
-                os.chmod(level, 0o700)
-                info = os.lstat(level)
-            check_private(level, info)
+            chain.append(level)
+            if level not in vouched:
+                check_private_level(level)
+        vouched.update(chain)
     except OSError as exc:
         raise CommandError(f"cannot create folder {folder}: {exc.strerror}"
                            + (f" ({exc.filename})" if exc.filename else "")) from exc
+
+
+def check_private_level(level: Path) -> None:
+    """One level below backup_dir: made if missing (0700), then a real folder of ours or
+    root's that no other user can write; ours is made 0700. One lstat when it exists."""
+    try:
+        info = os.lstat(level)
+    except FileNotFoundError:
+        make_folder(level)
+        info = os.lstat(level)
+    if stat.S_ISLNK(info.st_mode):
+        raise CommandError(f"{level} is a symbolic link; backups must live in a real folder")
+    if info.st_uid == getattr(os, "geteuid", lambda: -1)() \
+            and stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(level, 0o700)
+        info = os.lstat(level)
+    check_private(level, info)
+
+
+@contextmanager
+def vouched_once() -> Iterator[None]:
+    """One write command on one instance: each of its folders is vouched for once, not at
+    every step (the lock, the backup, retention, the audit line each asked again).
+
+    What was vouched for stays true for the command: every level from backup_dir down
+    is owned by this user or root and writable by no other user, so no one else can
+    replace it or put a link in it meanwhile. A nested use keeps the outer record.
+    """
+    VOUCHED.append(VOUCHED[-1] if VOUCHED else set())
+    try:
+        yield
+    finally:
+        VOUCHED.pop()
 
 
 def check_private(folder: Path, info: os.stat_result, doing: str = "write there") -> None:
@@ -823,7 +859,10 @@ def trusted_folder(instance: Instance, folder: Path) -> bool:
     """For commands that only read: whether one of the instance's folders exists, after
     vouching for it as make_private_folder does (nothing made or changed). A folder the
     write commands would refuse is refused here too, so that files another user
-    planted there (a link to a file only root may read) are never read out."""
+    planted there (a link to a file only root may read) are never read out. Within
+    vouched_once, a folder make_private_folder vouched for is trusted at once."""
+    if VOUCHED and folder in VOUCHED[-1]:
+        return True
     try:
         if not os.path.lexists(folder):
             return False
@@ -1840,39 +1879,41 @@ def audited(instance: Instance, command: str, before: int | None = None) -> Iter
 
     A Ctrl-C held back by hold_interrupts() (from a COMMIT until this line is written)
     ends the command here, after the line says what happened: InterruptedAfterCommit.
+    The command's folders are vouched for once (vouched_once).
     """
     entry: dict = {"operation": command, "version_before": before, "version_after": before,
                    "backup": None}
     started = time.perf_counter()
-    try:
-        refuse_same_file(instance)      # every write command is audited: refused before anything
-        yield entry
-        entry["outcome"] = "ok"
-    except CommandError as exc:
-        entry["outcome"] = f"failed: {exc}"
-        exc.known = known_facts(entry)
-        raise
-    except KeyboardInterrupt as exc:
-        entry["outcome"] = "failed: interrupted (Ctrl-C or SIGINT)"
-        exc.known = known_facts(entry)
-        raise
-    except BaseException as exc:
-        entry["outcome"] = f"failed: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
-        raise
-    finally:
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        previous = entry.pop(HELD_HANDLER, None)
-        record_history(instance, entry)
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if entry.get("interrupted"):
-        late = InterruptedAfterCommit(
-            f"{instance.name}: interrupted after COMMIT: the change was committed (version "
-            f"{'none' if entry['version_before'] is None else entry['version_before']} -> "
-            f"{entry['version_after']}) and recorded as ok in "
-            f"{instance.home / 'history.jsonl'}")
-        late.known = known_facts(entry)
-        raise late
+    with vouched_once():               # each folder checked once, the audit line's included
+        try:
+            refuse_same_file(instance)      # every write command is audited: refused before anything
+            yield entry
+            entry["outcome"] = "ok"
+        except CommandError as exc:
+            entry["outcome"] = f"failed: {exc}"
+            exc.known = known_facts(entry)
+            raise
+        except KeyboardInterrupt as exc:
+            entry["outcome"] = "failed: interrupted (Ctrl-C or SIGINT)"
+            exc.known = known_facts(entry)
+            raise
+        except BaseException as exc:
+            entry["outcome"] = f"failed: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+            raise
+        finally:
+            entry["seconds"] = round(time.perf_counter() - started, 3)
+            previous = entry.pop(HELD_HANDLER, None)
+            record_history(instance, entry)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if entry.get("interrupted"):
+            late = InterruptedAfterCommit(
+                f"{instance.name}: interrupted after COMMIT: the change was committed (version "
+                f"{'none' if entry['version_before'] is None else entry['version_before']} -> "
+                f"{entry['version_after']}) and recorded as ok in "
+                f"{instance.home / 'history.jsonl'}")
+            late.known = known_facts(entry)
+            raise late
 
 
 def hold_interrupts(entry: dict) -> None:
