@@ -1318,7 +1318,7 @@ def write_manifest(backup: Backup, partial: Path) -> None:
     discard(temporary)
     fd = open_private(temporary, os.O_WRONLY | os.O_EXCL)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(backup.manifest(), handle, indent=2, sort_keys=True)
+        handle.write(json.dumps(backup.manifest(), indent=2, sort_keys=True))   # one write
         handle.flush()
         os.fsync(handle.fileno())
     temporary.replace(manifest)
@@ -1732,10 +1732,10 @@ def plan_retention(instance: Instance, policy: Policy, spare: Path | None = None
     backups = list_backups(instance)
     now = datetime.datetime.now(datetime.timezone.utc)
     rules: dict[Path, list[str]] = {b.path: [] for b in backups}
-    live = instance.path.resolve()
+    live = file_identity(instance.path)
     for backup in backups:
         fixed = (("keep_backups = 0", policy.last == 0), ("just made", backup.path == spare),
-                 ("live database", backup.path.resolve() == live),
+                 ("live database", live is not None and file_identity(backup.path) == live),
                  ("future", is_future(backup, now)))
         rules[backup.path].extend(rule for rule, applies in fixed if applies)
     dated = [b for b in backups if b.verified and not is_future(b, now)]
@@ -1754,6 +1754,17 @@ def plan_retention(instance: Instance, policy: Policy, spare: Path | None = None
         if not backup.verified and not rules[backup.path] and newer:
             rules[backup.path].append("unverified")
     return [Verdict(b, tuple(rules[b.path])) for b in backups]
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file a path leads to, links followed; None if there is none.
+    One stat, where resolving both paths took one per folder of each: and a second name
+    for the live file (a hard link) is the live database too."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def restore_points(backups: list[Backup]) -> list[Backup]:
@@ -1866,7 +1877,10 @@ def record_history(instance: Instance, entry: dict) -> None:
             print(f"{program()}: warning: history not written: {exc}", file=sys.stderr)
 
 
+@functools.lru_cache(maxsize=1)
 def current_user() -> str:
+    """Who runs the command, for the audit line: looked up once a process (without $USER
+    or $LOGNAME it reads the user database), not once per member of a fleet."""
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - getuser raises several types when no name is known
