@@ -66,7 +66,8 @@ from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERS
                             newest_verified, open_private, open_readonly,
                             program, progress_line, read_config, read_history, require_database,
                             resolve, root_parser, run, select_instances, set_aside_sidecars,
-                            shows_progress, signs_of_a_lost_database, started_as, tool_command)
+                            shows_progress, signs_of_a_lost_database, started_as, sync_new_folders,
+                            tool_command)
 from safe_db_update import InterruptedAfterCommit
 
 # --- Constants ---------------------------------------------------------------
@@ -2340,6 +2341,7 @@ class LostDatabase(CommandError):
 def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
                    entry: dict, progress: Progress) -> tuple[Backup | None, list[int]]:
     if plan.create:
+        sync_new_folders()      # no backup synced the folders the lock made: before any write
         applied = create_database(instance, migrations, plan, entry, progress)
         entry["version_after"] = plan.to_version
         return None, applied

@@ -97,9 +97,10 @@ T = TypeVar("T")
 # From this size a copy is synced, checked and hashed at once, on three threads; below it
 # the threads cost more than they save (a small fleet database takes a millisecond).
 VERIFY_AT_ONCE_BYTES = 32 * 1024 * 1024
-# The folders below backup_dir that make_private_folder has vouched for during the write
-# command under way on one instance (see vouched_once); empty outside one: every call checks.
-VOUCHED: list[set[Path]] = []
+# The write command under way on one instance: the folders below backup_dir vouched for,
+# and the new ones whose parents are still to be synced (see vouched_once); empty outside
+# one, where every call checks, and a new folder's parent is synced at once.
+COMMAND_FOLDERS: list["FolderRecord"] = []
 
 # SQLite's own objects are named sqlite_... (any case); the escape keeps LIKE from
 # reading '_' as "any character", which would hide a table such as sqliteusers.
@@ -790,7 +791,7 @@ def make_private_folder(instance: Instance, folder: Path) -> None:
     instance's own folders below backup_dir are made 0700 when they are ours. Within
     vouched_once, a level already vouched for is not looked at again.
     """
-    vouched = VOUCHED[-1] if VOUCHED else set()
+    vouched = COMMAND_FOLDERS[-1].vouched if COMMAND_FOLDERS else set()
     if folder in vouched:
         return
     try:
@@ -815,7 +816,11 @@ def check_private_level(level: Path) -> None:
     try:
         info = os.lstat(level)
     except FileNotFoundError:
-        make_folder(level)
+        if COMMAND_FOLDERS:         # its parent is synced with the command's backup
+            make_folder(level, sync=False)
+            COMMAND_FOLDERS[-1].unsynced.append(level.parent)
+        else:
+            make_folder(level)
         info = os.lstat(level)
     if stat.S_ISLNK(info.st_mode):
         raise CommandError(f"{level} is a symbolic link; backups must live in a real folder")
@@ -826,20 +831,50 @@ def check_private_level(level: Path) -> None:
     check_private(level, info)
 
 
+class FolderRecord:
+    """What one write command on one instance did to its folders below backup_dir."""
+
+    def __init__(self) -> None:
+        self.vouched: set[Path] = set()     # checked: real, ours or root's, private
+        self.unsynced: list[Path] = []      # parents of folders made, not yet synced
+
+
 @contextmanager
 def vouched_once() -> Iterator[None]:
     """One write command on one instance: each of its folders is vouched for once, not at
-    every step (the lock, the backup, retention, the audit line each asked again).
+    every step (the lock, the backup, retention, the audit line each asked again), and
+    the parents of the folders it makes are synced together (sync_new_folders).
 
     What was vouched for stays true for the command: every level from backup_dir down
     is owned by this user or root and writable by no other user, so no one else can
     replace it or put a link in it meanwhile. A nested use keeps the outer record.
     """
-    VOUCHED.append(VOUCHED[-1] if VOUCHED else set())
+    COMMAND_FOLDERS.append(COMMAND_FOLDERS[-1] if COMMAND_FOLDERS else FolderRecord())
     try:
         yield
     finally:
-        VOUCHED.pop()
+        try:
+            sync_new_folders()      # folders made, but no backup synced them (nothing pending)
+        finally:
+            COMMAND_FOLDERS.pop()
+
+
+def sync_new_folders() -> None:
+    """Sync the parents of the folders this command made, deepest first, each once.
+
+    A new folder survives a power cut only once its parent is synced. Within a command
+    they are synced right after the backup's own folder (create_backup), not one at a
+    time as they are made: the backup's folder sync has already committed their entries
+    (on ext4 and other journaling file systems), so these syncs find nothing left to write
+    and cost little, where each sync at mkdir time was a journal commit of its own. The
+    backup is durable, its whole chain included, before create_backup returns.
+    """
+    if not COMMAND_FOLDERS:
+        return
+    unsynced = COMMAND_FOLDERS[-1].unsynced
+    for parent in sorted(set(unsynced), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(parent, directory=True)
+    unsynced.clear()
 
 
 def check_private(folder: Path, info: os.stat_result, doing: str = "write there") -> None:
@@ -861,7 +896,7 @@ def trusted_folder(instance: Instance, folder: Path) -> bool:
     write commands would refuse is refused here too, so that files another user
     planted there (a link to a file only root may read) are never read out. Within
     vouched_once, a folder make_private_folder vouched for is trusted at once."""
-    if VOUCHED and folder in VOUCHED[-1]:
+    if COMMAND_FOLDERS and folder in COMMAND_FOLDERS[-1].vouched:
         return True
     try:
         if not os.path.lexists(folder):
@@ -926,16 +961,18 @@ def make_folders(folder: Path) -> None:
         make_folder(level)
 
 
-def make_folder(level: Path) -> None:
+def make_folder(level: Path, sync: bool = True) -> None:
     """One folder, 0700 whatever the umask, made durable at once; nothing if it exists.
 
     A new folder survives a power cut only once the folder holding it is synced, so its
-    parent is fsynced before anything can be written into it.
+    parent is fsynced before anything can be written into it. sync False: the caller
+    syncs the parent later, before anything written there is relied on (sync_new_folders).
     """
     with contextlib.suppress(FileExistsError):
         os.mkdir(level, 0o700)
         os.chmod(level, 0o700)
-        fsync_path(level.parent, directory=True)
+        if sync:
+            fsync_path(level.parent, directory=True)
 
 
 def open_private(path: Path, flags: int) -> int:
@@ -1041,8 +1078,12 @@ def create_backup(instance: Instance, reason: str = "manual", progress: Progress
         if progress is not None:
             progress.step("verifying the backup (integrity_check, SHA-256)")
         backup = describe_copy(instance, partial, final, reason)
+        # Durability order: the copy was synced (describe_copy) and the manifest is synced
+        # before either is renamed into place, manifest first; then the folder, for both
+        # names; then the new folders above it, so the chain survives a power cut too.
         write_manifest(backup, partial)
         fsync_path(folder, directory=True)
+        sync_new_folders()
     except (OSError, sqlite3.Error) as exc:
         discard(partial, Path(f"{final}.json.partial"))
         if is_busy(exc):
@@ -1703,6 +1744,7 @@ def set_aside_sidecars(instance: Instance, label: str) -> list[Path]:
         # Gone for good before a new file arrives: a journal that a power cut brought
         # back would be played back into the new file.
         fsync_path(instance.backup_folder, directory=True)
+        sync_new_folders()          # and the folders above it, if this command made them
         fsync_path(instance.path.parent, directory=True)
     return moved
 
