@@ -58,8 +58,8 @@ from typing import Callable, Iterator
 from safe_db_update import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, NOT_INTERNAL, VERSION,
                             Backup, CommandError, Instance, Progress, Table, add_backup_command,
                             add_command, audited, backup_time, backup_with_retention, confirm,
-                            connect, describe_error, describe_table, emergency_step, emit,
-                            empty_fleets, find_config, first_problem, fsync_path, get_instance,
+                            connect, copy_through, describe_error, describe_table, emergency_step,
+                            emit, empty_fleets, find_config, first_problem, fsync_path, get_instance,
                             hold_interrupts, instance_lock, integrity_problems, is_busy,
                             keep_owner_and_mode, list_backups, load_instances, locked_message,
                             lost_database_step, make_folders, make_private_folder, missing_database,
@@ -1313,12 +1313,13 @@ def refuse_damaged(instance: Instance) -> None:
 
 
 def verified_backup(instance: Instance, reason: str, entry: dict,
-                    progress: Progress | None = None) -> Backup:
+                    progress: Progress | None = None,
+                    copy: Callable[[Instance, Path], None] | None = None) -> Backup:
     """The backup every change starts with (under the instance lock), in the audit entry.
 
     Its copy's integrity_check is the check of the live database's snapshot: a copy that
     fails it means the database is damaged, and nothing is changed."""
-    backup, _ = backup_with_retention(instance, reason, progress)
+    backup, _ = backup_with_retention(instance, reason, progress, copy)
     entry["backup"] = str(backup.path)
     if not backup.verified:
         problem = backup.problems[0] if backup.problems else "failed"
@@ -2345,8 +2346,8 @@ def locked_migrate(instance: Instance, migrations: list[Migration], plan: Plan,
         applied = create_database(instance, migrations, plan, entry, progress)
         entry["version_after"] = plan.to_version
         return None, applied
-    backup = verified_backup(instance, "pre-migrate", entry, progress)
-    with closing(connect(instance)) as conn:
+    with closing(connect(instance)) as conn:     # the copy's source, then the migration's
+        backup = verified_backup(instance, "pre-migrate", entry, progress, copy_through(conn))
         applied = apply_plan(conn, plan, migrations, f"; backup: {backup.path}", audit=entry,
                              progress=progress)
     entry["version_after"] = plan.to_version
