@@ -864,10 +864,11 @@ def sync_new_folders() -> None:
 
     A new folder survives a power cut only once its parent is synced. Within a command
     they are synced right after the backup's own folder (create_backup), not one at a
-    time as they are made: the backup's folder sync has already committed their entries
-    (on ext4 and other journaling file systems), so these syncs find nothing left to write
-    and cost little, where each sync at mkdir time was a journal commit of its own. The
-    backup is durable, its whole chain included, before create_backup returns.
+    time as they are made: by then the syncs of the copy, the manifest and their folder
+    have usually written these entries too, so these syncs find little left to write
+    (here, ext4: 0.10 ms for both against 0.21 ms at mkdir time). Nothing is relied on
+    before: the backup is durable, its whole chain included, before create_backup
+    returns, and migrate --create syncs them before it writes (locked_migrate).
     """
     if not COMMAND_FOLDERS:
         return
