@@ -129,9 +129,6 @@ METRICS = (
                                    "absent without an audit trail)."),
 )
 WORKER_STOP_SECONDS = 10.0          # how long stopping --jobs workers may take before SIGKILL
-# Instances handed to a --jobs worker at once: the one it migrates and the next, so it
-# never waits for this process to be scheduled between two (on a busy machine, it did).
-WORKER_QUEUE = 2
 # sqlite3_complete's state machine (SQLite's complete.c), so that splitting is linear:
 # a row per state, a column per token. White space and comments leave the state as it is.
 SEMI, OTHER, EXPLAIN, CREATE, TEMP, TRIGGER, END = range(7)
@@ -2837,12 +2834,10 @@ def migrate_in_order(args: argparse.Namespace, instances: list[Instance]) -> lis
 
 
 def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> list[dict]:
-    """--jobs N: N worker processes, each handed up to WORKER_QUEUE instances (it migrates
-    them one at a time, in the order given); every instance is attempted. A worker that
-    dies fails the instance it was migrating only: those it had not begun go to the
-    others, and a new worker takes its place. If this process is interrupted it
-    interrupts the workers; if it is killed, they notice and stop (worker_loop). Output
-    is printed here, in file order."""
+    """--jobs N: N worker processes, each handed one instance at a time; every instance is
+    attempted. A worker that dies fails its own instance only, and a new worker takes its
+    place. If this process is interrupted it interrupts the workers; if it is killed, they
+    notice and stop (worker_loop). Output is printed here, in file order."""
     import multiprocessing.connection   # here, not at the top: only --jobs pays its import
     results: list[dict | None] = [None] * len(instances)
     texts = [""] * len(instances)
@@ -2850,28 +2845,23 @@ def migrate_in_parallel(args: argparse.Namespace, instances: list[Instance]) -> 
     workers = [Worker(args) for _ in range(min(args.jobs, len(instances)))]
     printed = 0
     try:
-        while queue or any(w.indexes for w in workers):
+        while queue or any(w.index is not None for w in workers):
             for position, worker in enumerate(workers):
-                if not worker.indexes and queue and not worker.process.is_alive():
-                    workers[position] = Worker(args)
-            for depth in range(1, WORKER_QUEUE + 1):    # one each first: N start at once
-                for worker in workers:
-                    if len(worker.indexes) < depth and queue:
-                        worker.give(queue.pop(0), instances)
-            busy = [w for w in workers if w.indexes]
+                if worker.index is None and queue:
+                    if not worker.process.is_alive():
+                        worker = workers[position] = Worker(args)
+                    worker.give(queue.pop(0), instances)
+            busy = [w for w in workers if w.index is not None]
             multiprocessing.connection.wait([w.conn for w in busy]
                                             + [w.process.sentinel for w in busy])
             for worker in busy:
                 reply = worker.collect()
                 if reply is not None:
-                    index, (results[index], texts[index], errors) = worker.indexes.pop(0), reply
+                    index, (results[index], texts[index], errors) = worker.index, reply
+                    worker.index = None
                     sys.stderr.write(errors)
                 elif not worker.process.is_alive():
-                    # Its replies were all read first (collect): the first instance left is
-                    # the one it was migrating; the others it never began.
-                    index, *unstarted = worker.indexes
-                    worker.indexes = []
-                    queue[:0] = unstarted
+                    index, worker.index = worker.index, None
                     results[index] = worker_died(args, instances[index], worker.process.exitcode)
             while printed < len(results) and results[printed] is not None:
                 if texts[printed] and not args.json:
@@ -2892,10 +2882,10 @@ class Worker:
                                                args=(args, theirs, os.getpid()))
         self.process.start()
         theirs.close()
-        self.indexes: list[int] = []        # handed over, in order: the first is under way
+        self.index: int | None = None       # the instance it is migrating
 
     def give(self, index: int, instances: list[Instance]) -> None:
-        self.indexes.append(index)
+        self.index = index
         with contextlib.suppress(OSError):  # it just died: its sentinel will tell
             self.conn.send(instances[index])
 
@@ -2968,7 +2958,7 @@ def stop_workers(workers: list[Worker]) -> None:
     for worker in workers:
         if not worker.process.is_alive():
             continue
-        if not worker.indexes:
+        if worker.index is None:
             with contextlib.suppress(OSError):
                 worker.conn.send(None)
         else:
