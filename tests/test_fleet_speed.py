@@ -7,7 +7,6 @@
 - private modes whatever the umask, and an audit line for every member;
 - the destructive-statement check is worked out once per statement text;
 - retention tells the live database by its inode (a hard link is the live file too);
-- --jobs hands a worker its next instance early; a dead worker's unstarted one goes on.
 """
 
 from __future__ import annotations
@@ -15,18 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
 import unittest
 from dataclasses import replace
 from pathlib import Path
 
 from tests.support import ROOT, database_migration, query, safe_db_update
 from tests.test_fleets import FleetTestCase
-from tests.test_parallel_workers import SAFETY_TIMEOUT, SLOW_OR_MARKED
 from tests.test_power_cut_durability import (STRACE_MISSING, Calls, creates_journal, paths,
                                              renames, writes_stdout)
 
@@ -186,37 +182,6 @@ class LiveDatabaseByInodeTests(FleetTestCase):
         rules = {v.backup.path.name: v.kept_by for v in verdicts}
         self.assertIn("live database", rules[oldest.name])
         self.assertTrue(all("live database" not in r for n, r in rules.items() if n != oldest.name))
-
-
-class QueuedInstanceOfADeadWorkerTests(FleetTestCase):
-    ini = PendingFleetTestCase.ini
-
-    def test_the_instance_queued_behind_a_killed_one_is_still_migrated(self) -> None:
-        # dev and slow1 start at once (one each); tail1 waits behind dev, tail2 behind slow1.
-        self.create("dev")
-        for stem in ("slow1", "tail1", "tail2", "tail3"):
-            shutil.copyfile(self.db("dev"), self.tenant(stem))
-        self.write_migration("0003_mark_the_worker.py", SLOW_OR_MARKED)
-        process = subprocess.Popen([sys.executable, str(ROOT / "database_migration.py"),
-                                    "--config", str(self.config), "migrate-all", "--jobs", "2",
-                                    "--json"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, cwd=self.root)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        marker = Path(f"{self.tenant('slow1')}.worker")
-        deadline = time.monotonic() + SAFETY_TIMEOUT
-        while not (marker.exists() and marker.read_text()):
-            self.assertLess(time.monotonic(), deadline, "slow1 never started")
-            time.sleep(0.01)
-        os.kill(int(marker.read_text()), signal.SIGKILL)
-        out, err = process.communicate(timeout=SAFETY_TIMEOUT)
-        self.assertEqual(process.returncode, 1, err)
-        rows = {row["name"]: row for row in json.loads(out)["instances"]}
-        self.assertEqual(rows["tenants/slow1"]["result"], "failed")
-        for name, path in [("dev", self.db("dev"))] + [(f"tenants/{stem}", self.tenant(stem))
-                                                       for stem in ("tail1", "tail2", "tail3")]:
-            with self.subTest(instance=name):
-                self.assertEqual(rows[name]["result"], "ok")
-                self.assertEqual(query(path, "SELECT MAX(version) FROM schema_migrations"), [(3,)])
 
 
 if __name__ == "__main__":
