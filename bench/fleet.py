@@ -86,7 +86,17 @@ def main() -> None:
     parser.add_argument("--syscalls", action="store_true", help="strace -c -f counts per tenant")
     parser.add_argument("--warm", action="store_true", help="back each member up first")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     args = parser.parse_args()
+    report = run_rounds(args)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report + "\n", encoding="utf-8")
+
+
+def run_rounds(args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    out = lines.append              # the report, printed (and written) at the end
     code = {"new": fixtures.ROOT, **({"old": args.old_code.resolve()} if args.old_code else {})}
     kinds = ["limit"] + [f"{name}{jobs}" for name in code for jobs in ("", " --jobs 2")]
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
@@ -107,25 +117,26 @@ def main() -> None:
                 wall[kind].append(seconds)
                 cpu[kind].append(used)
         n, limit = args.instances, statistics.median(wall["limit"]) if args.rounds else 0
-        print(f"{n} instances x {len(fixtures.EXTRA_MIGRATIONS)} migrations, {args.rounds} rounds, "
-              f"{'backed up before (--warm), ' if args.warm else 'new to the tool, '}"
-              f"load average {os.getloadavg()[0]:.2f}\n")
-        print("| command | wall (median) | per tenant | ratio to the limit | CPU per tenant | rounds |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        out(f"{n} instances x {len(fixtures.EXTRA_MIGRATIONS)} migrations, {args.rounds} rounds, "
+            f"{'backed up before (--warm), ' if args.warm else 'new to the tool, '}"
+            f"load average {os.getloadavg()[0]:.2f}\n")
+        out("| command | wall (median) | per tenant | ratio to the limit | CPU per tenant | rounds |")
+        out("| --- | --- | --- | --- | --- | --- |")
         for kind in kinds if args.rounds else ():
             median = statistics.median(wall[kind])
-            print(f"| {kind} | {median:.2f} s | {1000 * median / n:.2f} ms | {median / limit:.2f}x "
-                  f"| {1000 * statistics.median(cpu[kind]) / n:.2f} ms | "
-                  f"{', '.join(f'{s:.2f}' for s in wall[kind])} |")
+            out(f"| {kind} | {median:.2f} s | {1000 * median / n:.2f} ms | {median / limit:.2f}x "
+                f"| {1000 * statistics.median(cpu[kind]) / n:.2f} ms | "
+                f"{', '.join(f'{s:.2f}' for s in wall[kind])} |")
         if args.syscalls and shutil.which("strace"):
-            print("\n| command | " + " | ".join(COUNTED) + " | all |")
-            print("| --- |" + " --- |" * (len(COUNTED) + 1))
+            out("\n| command | " + " | ".join(COUNTED) + " | all |")
+            out("| --- |" + " --- |" * (len(COUNTED) + 1))
             for kind in [k for k in kinds if "--jobs" not in k]:
                 fleet, ini = fleet_copy(workdir, "fleet", template, n, migrations)
                 counts = syscalls(command(kind, code, fleet, ini, migrations, workdir), n,
                                   workdir / "strace.log")
-                print(f"| {kind} | " + " | ".join(f"{counts.get(c, 0):.1f}" for c in COUNTED)
-                      + f" | {sum(counts.values()):.0f} |")
+                out(f"| {kind} | " + " | ".join(f"{counts.get(c, 0):.1f}" for c in COUNTED)
+                    + f" | {sum(counts.values()):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
