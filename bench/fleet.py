@@ -7,7 +7,10 @@
 
 Each round runs, in a rotating order, `reference.py migrate` (the limit), this
 checkout's `migrate-all` (sequential and --jobs 2) and, with --old-code, the other
-checkout's, each on a fresh copy of the fleet with no backups yet; the medians are
+checkout's, each on a fresh copy of the fleet with no backups yet, in a folder of
+its own: nothing is deleted until the end, because on ext4 a file deleted in the last
+minutes makes every new file slower to allocate (the kernel skips its inode), which
+would charge each command for what the one before it removed. The medians are
 compared. CPU is the command's user + system time (os.wait4), steadier than wall
 time on a shared machine. --syscalls counts each command's system calls per tenant
 (needs strace). --warm runs `backup tenants` before each product run, outside the
@@ -38,7 +41,6 @@ COUNTED = ("fsync", "fdatasync", "openat", "mkdir", "newfstatat", "rename", "unl
 
 def fleet_copy(workdir: Path, name: str, template: Path, count: int, migrations: Path) -> tuple:
     fleet = fixtures.build_fleet(workdir / name, template, count)
-    shutil.rmtree(workdir / f"{name}_backups", ignore_errors=True)
     ini = fixtures.write_ini(workdir / f"{name}.ini", {"tenants": f"{fleet}/*.db"}, migrations,
                              keep=30)
     ini.write_text(ini.read_text().replace("backup_dir = backups", f"backup_dir = {name}_backups"))
@@ -48,9 +50,8 @@ def fleet_copy(workdir: Path, name: str, template: Path, count: int, migrations:
 def command(kind: str, code: dict[str, Path], fleet: Path, ini: Path, migrations: Path,
             workdir: Path) -> list[str]:
     if kind == "limit":
-        shutil.rmtree(workdir / "limit_backups", ignore_errors=True)
         return [sys.executable, str(REFERENCE), "migrate", str(fleet), str(migrations),
-                str(workdir / "limit_backups")]
+                str(fleet.with_name(f"{fleet.name}_limit_backups"))]
     checkout, _, jobs = kind.partition(" --jobs ")
     return [sys.executable, str(code[checkout] / "database_migration.py"), "--config", str(ini),
             "migrate-all", "--quiet", *(["--jobs", jobs] if jobs else [])]
@@ -107,7 +108,8 @@ def run_rounds(args: argparse.Namespace) -> str:
         cpu: dict[str, list[float]] = {kind: [] for kind in kinds}
         for index in range(args.rounds):
             for kind in kinds[index % len(kinds):] + kinds[:index % len(kinds)]:
-                fleet, ini = fleet_copy(workdir, "fleet", template, args.instances, migrations)
+                fleet, ini = fleet_copy(workdir, f"fleet{len(wall[kind])}_{kinds.index(kind)}",
+                                        template, args.instances, migrations)
                 if args.warm and kind != "limit":
                     checkout = code[kind.partition(" --jobs ")[0]]
                     subprocess.run([sys.executable, str(checkout / "safe_db_update.py"), "--config",
@@ -131,7 +133,8 @@ def run_rounds(args: argparse.Namespace) -> str:
             out("\n| command | " + " | ".join(COUNTED) + " | all |")
             out("| --- |" + " --- |" * (len(COUNTED) + 1))
             for kind in [k for k in kinds if "--jobs" not in k]:
-                fleet, ini = fleet_copy(workdir, "fleet", template, n, migrations)
+                fleet, ini = fleet_copy(workdir, f"strace_{kinds.index(kind)}", template, n,
+                                        migrations)
                 counts = syscalls(command(kind, code, fleet, ini, migrations, workdir), n,
                                   workdir / "strace.log")
                 out(f"| {kind} | " + " | ".join(f"{counts.get(c, 0):.1f}" for c in COUNTED)
