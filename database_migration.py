@@ -209,8 +209,7 @@ RECORD_APPLIED = """
     VALUES (?, ?, ?, ?)
 """
 FORGET_APPLIED = "DELETE FROM schema_migrations WHERE version = ?"
-TABLE_NAMES = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid"
-TABLE_DEFINITIONS = "SELECT name, sql FROM sqlite_master WHERE type = 'table'"
+TABLE_DEFINITIONS = "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY rowid"
 REFERENCES = """
     SELECT m.name, r."table" FROM sqlite_master AS m, pragma_foreign_key_list(m.name) AS r
     WHERE m.type = 'table'
@@ -1848,8 +1847,8 @@ def apply_in_transaction(conn: sqlite3.Connection, plan: Plan, migrations: list[
 
 
 def table_definitions(conn: sqlite3.Connection) -> dict[str, str]:
-    """Each table's CREATE statement, by its name in lower case."""
-    return {name.lower(): sql for name, sql in conn.execute(TABLE_DEFINITIONS).fetchall()}
+    """Each table's CREATE statement by its name, in the order the tables were made."""
+    return dict(conn.execute(TABLE_DEFINITIONS).fetchall())
 
 
 def tables_to_check(conn: sqlite3.Connection, written: set[str], before: dict[str, str]) -> list[str]:
@@ -1857,12 +1856,13 @@ def tables_to_check(conn: sqlite3.Connection, written: set[str], before: dict[st
     it): each table it wrote, created, altered, renamed or dropped, and each table whose
     foreign keys refer to one of those. A reference elsewhere is as the run found it."""
     after = table_definitions(conn)
-    changed = written | {t for t in before.keys() | after.keys() if before.get(t) != after.get(t)}
+    old = {name.lower(): sql for name, sql in before.items()}
+    new = {name.lower(): sql for name, sql in after.items()}
+    changed = written | {name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
     parents: dict[str, set[str]] = {}
     for child, parent in conn.execute(REFERENCES).fetchall():
         parents.setdefault(child, set()).add(parent.lower())
-    return [name for (name,) in conn.execute(TABLE_NAMES).fetchall()
-            if name.lower() in changed or parents.get(name, set()) & changed]
+    return [name for name in after if name.lower() in changed or parents.get(name, set()) & changed]
 
 
 def broken_references(conn: sqlite3.Connection, tables: list[str]) -> list[tuple]:
