@@ -77,6 +77,20 @@ def dump(path: Path) -> list[str]:
         return list(conn.iterdump())
 
 
+_heap_frozen: list[bool] = []
+
+
+def collect_garbage() -> None:
+    """A full collection, over what the tests made: the heap as it stood at the first call
+    (after the test modules were imported: modules, classes, the test cases) is frozen
+    first, so that each later collection need not walk it again (4 ms a call, 2,500 calls)."""
+    if not _heap_frozen:
+        gc.collect()
+        gc.freeze()
+        _heap_frozen.append(True)
+    gc.collect()
+
+
 class ProjectTestCase(unittest.TestCase):
     """A project folder with instances.ini, migrations/ and the loan-app history."""
 
@@ -120,7 +134,7 @@ class ProjectTestCase(unittest.TestCase):
     def run_cli(self, module, *argv: str) -> tuple[int, str, str]:
         """Run a CLI's main() in this process, stdin not a terminal."""
         database_migration._loaded.clear()
-        gc.collect()    # earlier tests' garbage warns now (ResourceWarning), not into err
+        collect_garbage()   # earlier tests' garbage warns now (ResourceWarning), not into err
         out, err = io.StringIO(), io.StringIO()
         stdin = sys.stdin
         sys.stdin = io.StringIO("")

@@ -184,21 +184,25 @@ class KilledBackupTests(SafetyTestCase):
                 process.send_signal(signal.SIGKILL)
                 process.wait(SAFETY_TIMEOUT)
 
-                listed = {Path(b["path"]).name for b in self.listed()}
+                # What the kill left, looked at by the commands run as functions (the kill
+                # was real; the last part of the test runs them as processes again).
+                code, out, err = self.run_cli(safe_db_update, "list-backups", "dev", "--json")
+                self.assertEqual(code, 0, err)
+                listed = {Path(b["path"]).name for b in json.loads(out)["backups"]}
                 for entry in folder.iterdir() if folder.is_dir() else []:
                     name = entry.name
                     if name.endswith(".json"):
                         continue
-                    verify = self.run_script("safe_db_update.py", "verify", "dev", name)
+                    code, out, err = self.run_cli(safe_db_update, "verify", "dev", name)
                     if name in listed:                          # complete: it must verify
-                        self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
+                        self.assertEqual(code, 0, out + err)
                         continue
                     self.assertTrue(name.startswith("."), name)  # anything else is hidden
-                    self.assertEqual(verify.returncode, 1, name)
-                    self.assertNotIn("Traceback", verify.stderr)
-                    restore = self.run_script("safe_db_update.py", "restore", "dev", name, "--yes")
-                    self.assertEqual(restore.returncode, 1, name)
-                    self.assertNotIn("Traceback", restore.stderr)
+                    self.assertEqual(code, 1, name)
+                    self.assertNotIn("Traceback", err)
+                    code, _, err = self.run_cli(safe_db_update, "restore", "dev", name, "--yes")
+                    self.assertEqual(code, 1, name)
+                    self.assertNotIn("Traceback", err)
                 self.assertEqual(sha256(live), digest)
         count = len(self.listed())
         result = self.run_script("safe_db_update.py", "backup", "dev", "--json")
@@ -270,8 +274,16 @@ class RestoreWithOpenConnectionTests(SafetyTestCase):
         self.assertEqual(app.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
 
 
+LOCK_WAIT = 0.3        # busy_timeout in LockTests: waiting for the lock, then giving up
+SHOWN_WAIT = 1         # busy_timeout where a real process must be seen to wait (start-up ~0.2 s)
+
+
 class LockTests(SafetyTestCase):
-    ini = "[DEFAULT]\nbusy_timeout = 1\n\n[dev]\npath = instance/dev.db\n"
+    ini = f"[DEFAULT]\nbusy_timeout = {LOCK_WAIT}\n\n[dev]\npath = instance/dev.db\n"
+
+    def with_busy_timeout(self, seconds: float) -> None:
+        self.config.write_text(self.ini.replace(f"busy_timeout = {LOCK_WAIT}",
+                                                f"busy_timeout = {seconds}"), encoding="utf-8")
     def hold_lock(self) -> subprocess.Popen:
         holder = self.start("-c", HOLDER, str(ROOT), str(self.config), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -280,8 +292,11 @@ class LockTests(SafetyTestCase):
 
     def test_a_second_operation_waits_then_says_who_holds_the_lock_and_since_when(self) -> None:
         self.create()
+        self.with_busy_timeout(SHOWN_WAIT)
         holder = self.hold_lock()
+        started = time.monotonic()
         result = self.run_script("safe_db_update.py", "backup", "dev", timeout=SAFETY_TIMEOUT)
+        self.assertGreaterEqual(time.monotonic() - started, SHOWN_WAIT, "gave up without waiting")
         self.assertEqual(result.returncode, 1)
         self.assertNotIn("Traceback", result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
@@ -324,8 +339,7 @@ class LockTests(SafetyTestCase):
 
     def test_a_waiting_backup_proceeds_when_the_lock_is_released_in_time(self) -> None:
         self.create()
-        self.config.write_text(self.ini.replace("busy_timeout = 1", "busy_timeout = 10"),
-                               encoding="utf-8")
+        self.with_busy_timeout(10)
         holder = self.hold_lock()
         backup = self.start(*self.backup_script("backup", "dev"), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -361,7 +375,9 @@ class LockTests(SafetyTestCase):
         self.addCleanup(thread.join, SAFETY_TIMEOUT)
         self.addCleanup(release.set)
         self.assertTrue(held.wait(SAFETY_TIMEOUT))
+        started = time.monotonic()
         code, _, err = self.run_cli(safe_db_update, "backup", "dev")
+        self.assertGreaterEqual(time.monotonic() - started, LOCK_WAIT, "gave up without waiting")
         self.assertEqual(code, 1)
         self.assertIn("'restore'", err)
         self.assertEqual(self.backups(), [])
@@ -377,7 +393,9 @@ class LockTests(SafetyTestCase):
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a+") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            started = time.monotonic()
             code, _, err = self.run_cli(safe_db_update, "backup", "dev")
+            self.assertGreaterEqual(time.monotonic() - started, LOCK_WAIT, "gave up at once")
         self.assertEqual(code, 1)
         self.assertIn("lock", err)
         self.assertNoTraceback(err)

@@ -18,7 +18,7 @@ from contextlib import closing
 
 from tests.support import INI, ProjectTestCase, query, safe_db_update, sha256
 
-BUSY_TIMEOUT = 1                    # the instances' busy_timeout in these tests, seconds
+BUSY_TIMEOUT = 0.3                  # the instances' busy_timeout in these tests, seconds
 READER_TIMEOUT = 3                  # the application's own busy timeout
 SLACK = 6.0                         # start-up, the backup, the migration's own work
 SAFETY_TIMEOUT = 60
@@ -45,6 +45,8 @@ while not os.path.exists(sys.argv[2]):
     except sqlite3.Error as exc:
         failures += 1
         errors.append(str(exc))
+    if reads + failures == 1:
+        print("reading", flush=True)
     time.sleep(0.02)
 print(json.dumps({"reads": reads, "failures": failures, "errors": errors[:3]}), flush=True)
 """
@@ -89,6 +91,7 @@ class HeldByTheApplicationTests(ProjectTestCase):
         holder = self.hold_a_read_transaction()
         stop = self.root / "stop-reading"
         reader = self.start(READER, str(self.db()), str(stop), str(READER_TIMEOUT))
+        self.assertEqual(reader.stdout.readline().strip(), "reading")   # before the command
         started = time.monotonic()
         result = self.run_script(script, *argv, timeout=SAFETY_TIMEOUT)
         seconds = time.monotonic() - started
@@ -111,6 +114,12 @@ class HeldByTheApplicationTests(ProjectTestCase):
                       result.stderr)
         self.assertIn(f"for more than {BUSY_TIMEOUT} s; nothing changed; try again when it is "
                       f"idle", result.stderr)
+        # It waited busy_timeout before giving up (its own record, start-up left out).
+        entry = json.loads((self.root / "backups" / "dev" / "history.jsonl")
+                           .read_text(encoding="utf-8").splitlines()[-1])
+        self.assertTrue(entry["outcome"].startswith("failed: "), entry)
+        self.assertIn("locked", entry["outcome"])
+        self.assertGreaterEqual(entry["seconds"], BUSY_TIMEOUT, entry)
 
     def test_migrate_gives_up_after_busy_timeout_and_the_readers_carry_on(self) -> None:
         self.write_migration(*RENAME)
