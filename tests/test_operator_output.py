@@ -79,8 +79,9 @@ class ClosedPipeTests(OperatorTestCase):
 
     def test_reading_one_line_and_closing_stops_the_command_quietly(self) -> None:
         with closing(sqlite3.connect(self.db("dev"))) as conn:     # info --json: about 150 KiB
-            conn.executescript("".join(f"CREATE TABLE extra_{i} (id INTEGER PRIMARY KEY);\n"
-                                       for i in range(1500)))
+            conn.executescript("BEGIN;\n"      # one transaction: one sync, not 1,500
+                               + "".join(f"CREATE TABLE extra_{i} (id INTEGER PRIMARY KEY);\n"
+                                         for i in range(1500)) + "COMMIT;\n")
         for script, argv, first in ((SDU, ("info", "dev", "--json"), "{"),):
             with self.subTest(argv=argv):
                 process = self.start(script, *argv)
