@@ -271,13 +271,13 @@ class HelpTests(OperatorTestCase):
 class InstalledCommandsTests(unittest.TestCase):
     """pip install . into a fresh virtual environment; the console scripts know their names.
 
-    The environment is made without a pip of its own (ensurepip takes seconds): it sees
-    the interpreter's packages (--system-site-packages), and that pip, run by the
-    environment's python, installs into the environment (into the interpreter's own pip
-    only where there is none to see). Offline, pip builds with the setuptools and wheel
-    already installed (--no-build-isolation --no-index); otherwise with its own index.
-    Without either it is skipped, saying why. SKIP_VENV_TEST=1 skips it (it takes about
-    3 seconds).
+    The environment is made without a pip of its own (ensurepip takes about 4 seconds):
+    it sees the interpreter's packages (--system-site-packages), so its python runs the
+    interpreter's pip, which installs into the environment, console scripts and all;
+    where the interpreter has no pip, the environment is made again with one. Offline,
+    pip builds with the setuptools and wheel already installed (--no-build-isolation
+    --no-index); otherwise with its own index. Without either it is skipped, saying why.
+    SKIP_VENV_TEST=1 skips it (it takes about 3 seconds).
     """
 
     @classmethod
