@@ -175,8 +175,21 @@ class KilledBackupTests(SafetyTestCase):
         fill(live, 60)
         digest = sha256(live)
         folder = self.root / "backups" / "dev" / "database"
-        delays = [random.Random(20261124 + n).uniform(0.05, 0.5) for n in range(4)]
-        for delay in delays:
+        # The kills land across one whole backup's time on this machine (start-up, copy,
+        # check, rename), measured first: fixed delays could all fall before or after
+        # the copy on a faster or slower machine, and test nothing.
+        started = time.monotonic()
+        self.assertEqual(self.start(*self.backup_script("backup", "dev"),
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL).wait(SAFETY_TIMEOUT), 0)
+        whole = time.monotonic() - started
+        chance = random.Random(20261129)
+        delays = [whole * share for share in (0.3, 0.5, 0.7, 0.9)] \
+            + [whole * chance.uniform(0.2, 0.95) for _ in range(6)]
+        cut_short = 0                       # kills that left a partial copy behind
+        for trial, delay in enumerate(delays):
+            if trial >= 4 and cut_short:
+                break                       # the extra trials only until one lands mid-copy
             with self.subTest(delay=round(delay, 3)):
                 process = self.start(*self.backup_script("backup", "dev"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -185,7 +198,10 @@ class KilledBackupTests(SafetyTestCase):
                 process.wait(SAFETY_TIMEOUT)
 
                 listed = {Path(b["path"]).name for b in self.listed()}
-                for entry in folder.iterdir() if folder.is_dir() else []:
+                entries = sorted(folder.iterdir()) if folder.is_dir() else []
+                cut_short += any(e.name.startswith(".") and not e.name.endswith(".json")
+                                 for e in entries)
+                for entry in entries:
                     name = entry.name
                     if name.endswith(".json"):
                         continue
@@ -200,6 +216,7 @@ class KilledBackupTests(SafetyTestCase):
                     self.assertEqual(restore.returncode, 1, name)
                     self.assertNotIn("Traceback", restore.stderr)
                 self.assertEqual(sha256(live), digest)
+        self.assertGreater(cut_short, 0, f"no kill landed during the copy ({whole:.2f} s a backup)")
         count = len(self.listed())
         result = self.run_script("safe_db_update.py", "backup", "dev", "--json")
         self.assertEqual(result.returncode, 0, result.stderr)
