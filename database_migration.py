@@ -185,6 +185,9 @@ ESCAPING_PRAGMA = ("this pragma would weaken the run's transaction (journaling, 
                    "undone (set it on the database outside migrations)")
 TRANSACTION_ENDED = ("the run's transaction has ended (SQLite rolled it back after an "
                      "error); nothing after that point may run")
+GUARD_REMOVED = ("a migration removed or replaced the tool's authorizer on the connection "
+                 "(set_authorizer), so what it ran cannot be checked; rolled back, nothing "
+                 "changed")
 REFUSED = ("not allowed in a migration: it would leave the run's transaction or reach "
            "another file")         # the authorizer refused something the text did not show
 SQLITE_PRAGMA, SQLITE_TRANSACTION = 19, 22      # the authorizer's action codes
@@ -1374,16 +1377,26 @@ class TransactionGuard:
         self.refused = ""           # what it refused first, while active
         self.interrupted = False    # a Ctrl-C arrived while active
         self.written: set[str] = set()  # tables written while active (lower case)
+        self.asked = 0              # requests while active
 
     def __call__(self, action, first, second, *_):
         if not self.active:
             return sqlite3.SQLITE_OK
+        self.asked += 1
         if escapes(action, first, second) or not self.conn.in_transaction:
             self.refused = self.refused or (REFUSED if self.conn.in_transaction else TRANSACTION_ENDED)
             return sqlite3.SQLITE_DENY
         if action in WRITES_TABLE:
             self.written.add(((first, second)[WRITES_TABLE[action]] or "").lower())
         return sqlite3.SQLITE_OK
+
+    def still_asked(self) -> bool:
+        """Whether SQLite still asks this guard: a statement it has never compiled must
+        come to it. Code that reached the raw connection could have removed it, and then
+        nothing it refuses, nor the tables written, would be known."""
+        asked = self.asked
+        self.conn.execute(f"SELECT 1 -- the guard, asked at {time.monotonic_ns()}").fetchone()
+        return self.asked > asked
 
     def note_interrupt(self, *_) -> None:
         """SIGINT during the transaction: remembered, then raised as usual."""
@@ -1733,6 +1746,8 @@ def migration_transaction(conn: sqlite3.Connection, audit: dict | None = None) -
             conn.execute("PRAGMA busy_timeout = 0")
             guard.active = True
             yield guard
+            if not guard.still_asked():
+                raise CommandError(GUARD_REMOVED)
             guard.active = False
             conn.execute(f"PRAGMA busy_timeout = {patience}")   # COMMIT: readers, busy_timeout
             previous = restore_interrupts(previous)

@@ -117,3 +117,29 @@ class ForeignKeyScopeTests(ApplyTestCase):
         self.assertIn("foreign key check failed: loan row 1", err)
         self.assertEqual(query(self.path, "SELECT COUNT(*) FROM user"), before)
         self.assertEqual(self.versions(), [1, 2, 3])
+
+
+class GuardRemovedTests(ApplyTestCase):
+    """What the check covers is what the authorizer saw: a migration that reaches the
+    raw connection and takes the authorizer away leaves nothing that can be checked."""
+
+    def test_a_python_migration_that_removes_the_authorizer_is_rolled_back(self) -> None:
+        self.add(3, "DESTRUCTIVE = True\n\n\ndef up(conn):\n"
+                    "    conn._conn.set_authorizer(None)\n"
+                    "    conn.execute('DELETE FROM user WHERE id = 2')\n", suffix="py")
+        err = self.assertFailedAndRolledBack("--yes", words=("removed or replaced the tool's "
+                                                             "authorizer",))
+        self.assertIn("dev: ", err)
+
+    def test_one_that_puts_its_own_in_place_is_rolled_back_too(self) -> None:
+        self.add(3, "DESTRUCTIVE = True\n\n\ndef up(conn):\n"
+                    "    conn._conn.set_authorizer(lambda *request: 0)\n"
+                    "    conn.execute('DELETE FROM user WHERE id = 2')\n", suffix="py")
+        self.assertFailedAndRolledBack("--yes", words=("removed or replaced the tool's authorizer",))
+
+    def test_the_dry_run_says_the_same(self) -> None:
+        self.add(3, "DESTRUCTIVE = True\n\n\ndef up(conn):\n"
+                    "    conn._conn.set_authorizer(None)\n", suffix="py")
+        code, out, err = self.migrate("dev", "--dry-run", "--yes")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("removed or replaced the tool's authorizer", out + err)
