@@ -12,6 +12,7 @@ migration, a dry run.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from contextlib import closing
 
 from tests.support import query, safe_db_update
@@ -119,6 +120,12 @@ class ForeignKeyScopeTests(ApplyTestCase):
         self.assertEqual(self.versions(), [1, 2, 3])
 
 
+# set_authorizer(None) removes the authorizer from Python 3.11 on; before, SQLite then
+# calls None, which denies every statement: rolled back either way.
+REMOVED = ("removed or replaced the tool's authorizer" if sys.version_info >= (3, 11)
+           else "not authorized")
+
+
 class GuardRemovedTests(ApplyTestCase):
     """What the check covers is what the authorizer saw: a migration that reaches the
     raw connection and takes the authorizer away leaves nothing that can be checked."""
@@ -127,8 +134,7 @@ class GuardRemovedTests(ApplyTestCase):
         self.add(3, "DESTRUCTIVE = True\n\n\ndef up(conn):\n"
                     "    conn._conn.set_authorizer(None)\n"
                     "    conn.execute('DELETE FROM user WHERE id = 2')\n", suffix="py")
-        err = self.assertFailedAndRolledBack("--yes", words=("removed or replaced the tool's "
-                                                             "authorizer",))
+        err = self.assertFailedAndRolledBack("--yes", words=(REMOVED,))
         self.assertIn("dev: ", err)
 
     def test_one_that_puts_its_own_in_place_is_rolled_back_too(self) -> None:
@@ -142,4 +148,4 @@ class GuardRemovedTests(ApplyTestCase):
                     "    conn._conn.set_authorizer(None)\n", suffix="py")
         code, out, err = self.migrate("dev", "--dry-run", "--yes")
         self.assertEqual(code, 1, out + err)
-        self.assertIn("removed or replaced the tool's authorizer", out + err)
+        self.assertIn(REMOVED, out + err)
