@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from contextlib import closing
 
-from tests.support import query, safe_db_update
+from tests.support import database_migration, query, safe_db_update
 from tests.test_apply import ApplyTestCase
 
 
@@ -112,8 +112,7 @@ class ForeignKeyScopeTests(ApplyTestCase):
                     "-- migrate:down\nDELETE FROM user WHERE id = 1;\nDROP TABLE audit;\n")
         self.assertEqual(self.migrate("dev")[0], 0)
         before = query(self.path, "SELECT COUNT(*) FROM user")
-        code, out, err = self.run_cli(__import__("database_migration"), "rollback", "dev", "--to", "2",
-                                      "--yes")
+        code, out, err = self.run_cli(database_migration, "rollback", "dev", "--to", "2", "--yes")
         self.assertEqual(code, 1, out + err)
         self.assertIn("foreign key check failed: loan row 1", err)
         self.assertEqual(query(self.path, "SELECT COUNT(*) FROM user"), before)
